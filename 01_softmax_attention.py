@@ -1,0 +1,246 @@
+"""Step 01 - softmax attention, the O(N^2) baseline.
+
+Every token i of a sequence of N tokens asks a query q_i and every token j offers a key k_j and a
+value v_j (all d-dimensional, one set per head). Softmax attention mixes the values with weights
+
+    w_ij = exp(q_i . k_j * s) / sum_s' exp(q_i . k_s' * s),       s = d**-0.5
+    out_i = sum_j w_ij v_j                                           (Vaswani et al., eq. 1)
+
+In matrix form, out = softmax(Q K^T * s) V. The N x N matrix softmax(Q K^T s) is the problem:
+time and memory grow as N^2, so doubling the image side (4x the tokens) costs 16x. A DeiT-T at
+224 px has N = 1 + 14*14 = 197 tokens; at 896 px it has 3137, and the N x N matrices of one layer
+no longer fit in a laptop's cache, and at 1792 px (N = 12545) not in its memory either.
+
+This file gives
+  softmax_attention_weights(q, k)   the N x N weights, explicitly (the teaching path)
+  softmax_attention(q, k, v)        the output from those weights
+  SoftmaxAttention(dim, num_heads)  the module of timm's VisionTransformer (`qkv`, `proj`), which
+                                    calls torch's fused F.scaled_dot_product_attention (SDPA),
+and small helpers the later steps import: input checks and the time / peak-memory measurement.
+
+Run `python 01_softmax_attention.py` to see SDPA equal the explicit formula, and how time and
+memory grow with N for both (on CPU, torch's SDPA is a fused "flash" kernel that never stores
+the N x N matrix, so its memory is linear; its time is still quadratic).
+"""
+import argparse
+import ctypes
+import re
+import sys
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+# ----------------------------------------------------------------------------------------------
+# input checks, shared by every step
+
+
+def check_qkv(q, k, v=None):
+    """Raise ValueError unless q, k (and v) are (B, H, N, d) tensors that fit together."""
+    named = [("q", q), ("k", k)] + ([("v", v)] if v is not None else [])
+    for name, t in named:
+        if not isinstance(t, torch.Tensor) or t.dim() != 4:
+            shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+            raise ValueError(f"{name} must be a (B, H, N, d) tensor, got shape {shape}")
+    if q.shape[:2] != k.shape[:2] or q.shape[-1] != k.shape[-1]:
+        raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} must share B, H and d")
+    if v is not None and (v.shape[:3] != k.shape[:3]):
+        raise ValueError(f"v {tuple(v.shape)} must have the B, H, N of k {tuple(k.shape)}")
+
+
+def check_heads(dim, num_heads):
+    """Raise ValueError unless `dim` splits evenly into `num_heads` heads."""
+    if num_heads < 1 or dim % num_heads != 0:
+        raise ValueError(f"dim={dim} is not divisible by num_heads={num_heads}: "
+                         f"each head needs dim / num_heads channels")
+
+
+# ----------------------------------------------------------------------------------------------
+# the explicit formula
+
+
+def softmax_attention_weights(q, k, scale=None):
+    """w = softmax(q k^T * scale) over keys. q, k: (B, H, N, d) -> (B, H, N, N)."""
+    check_qkv(q, k)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    logits = q @ k.transpose(-2, -1) * scale  # (B, H, N, N)  q_i . k_j * s
+    return logits.softmax(dim=-1)             # (B, H, N, N)  each row sums to 1
+
+
+def softmax_attention(q, k, v, scale=None):
+    """out_i = sum_j w_ij v_j with the explicit N x N weights. (B, H, N, d) -> (B, H, N, d)."""
+    check_qkv(q, k, v)
+    return softmax_attention_weights(q, k, scale) @ v  # (B, H, N, N) @ (B, H, N, d)
+
+
+# ----------------------------------------------------------------------------------------------
+# the module (timm's `Attention`, with the fused kernel)
+
+
+class SoftmaxAttention(nn.Module):
+    """Multi-head softmax attention on (B, N, C) tokens, parameter names as timm (`qkv`, `proj`).
+
+    Later steps subclass it and replace only `attend(q, k, v)`: the projections stay the same.
+    """
+
+    def __init__(self, dim, num_heads=8, qkv_bias=True, attn_drop=0.0, proj_drop=0.0):
+        super().__init__()
+        check_heads(dim, num_heads)
+        self.dim, self.num_heads, self.head_dim = dim, num_heads, dim // num_heads
+        self.scale = self.head_dim ** -0.5
+        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
+        self.attn_drop = attn_drop  # dropout on the weights, applied inside SDPA
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def split_heads(self, x):
+        """(B, N, C) -> q, k, v, each (B, H, N, d); channel c of each is head c // d."""
+        if x.dim() != 3 or x.shape[-1] != self.dim:
+            raise ValueError(f"expected x of shape (B, N, {self.dim}), got {tuple(x.shape)}")
+        B, N, C = x.shape
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim)  # (B, N, 3, H, d)
+        return qkv.permute(2, 0, 3, 1, 4).unbind(0)                      # 3 x (B, H, N, d)
+
+    def attend(self, q, k, v):
+        """The attention core: (B, H, N, d) -> (B, H, N, d)."""
+        p = self.attn_drop if self.training else 0.0
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=p, scale=self.scale)
+
+    def forward(self, x):
+        B, N, C = x.shape
+        q, k, v = self.split_heads(x)                     # (B, H, N, d) each
+        out = self.attend(q, k, v)                        # (B, H, N, d)
+        out = out.transpose(1, 2).reshape(B, N, C)        # heads side by side again
+        return self.proj_drop(self.proj(out))             # (B, N, C)
+
+
+# ----------------------------------------------------------------------------------------------
+# measuring time and peak memory (used by the demos and every --bench)
+
+
+def _rss(key):
+    """Resident memory of this process in bytes: key 'VmRSS' (now) or 'VmHWM' (peak)."""
+    with open("/proc/self/status") as f:
+        return int(re.search(key + r":\s+(\d+) kB", f.read()).group(1)) * 1024
+
+
+def _cpu_peak_setup():
+    # glibc keeps freed blocks under its "mmap threshold" for reuse, which hides later growth;
+    # a fixed 64 KiB threshold sends every large tensor straight back to the OS when freed.
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 16)  # M_MMAP_THRESHOLD
+        return True
+    except (OSError, AttributeError):
+        return False
+
+
+CPU_PEAK_OK = sys.platform.startswith("linux") and _cpu_peak_setup()
+
+
+def peak_memory(fn):
+    """Extra memory (bytes) that fn() needs at its peak. On CUDA: torch's allocator statistics.
+    On Linux CPU: the rise of the process's peak resident set (VmHWM, reset by writing 5 to
+    /proc/self/clear_refs) above its size before the call. None where neither is available."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base
+    if not CPU_PEAK_OK:
+        fn()
+        return None
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        fn()
+        return None
+    base = _rss("VmRSS")
+    fn()
+    return _rss("VmHWM") - base
+
+
+def measure(fn, repeat=3):
+    """(median seconds, peak extra bytes) of fn(). The first call measures the peak memory and
+    warms up; `repeat` timed calls follow (just one when a call takes over a second)."""
+    t0 = time.perf_counter()
+    peak = peak_memory(fn)
+    repeat = 1 if time.perf_counter() - t0 > 1.0 else repeat
+    times = []
+    for _ in range(repeat):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2], peak
+
+
+def fwd_bwd(fn, *inputs):
+    """A closure that runs fn(*inputs) forward and backward (inputs need requires_grad)."""
+    def run():
+        for t in inputs:
+            t.grad = None
+        fn(*inputs).sum().backward()
+    return run
+
+
+def fmt_mb(b):
+    return "n/a" if b is None else f"{b / 2**20:.1f}"
+
+
+# ----------------------------------------------------------------------------------------------
+# demo
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Step 01: softmax attention and its O(N^2) cost.")
+    p.add_argument("--sizes", type=int, nargs="+", default=[197, 785, 3137, 12545],
+                   help="sequence lengths N for the cost table (DeiT at 224, 448, 896, 1792 px)")
+    p.add_argument("--heads", type=int, default=3, help="heads (DeiT-T: 3 of 64 channels)")
+    p.add_argument("--head-dim", type=int, default=64)
+    p.add_argument("--repeat", type=int, default=3, help="timed runs per entry (median shown)")
+    args = p.parse_args(argv)
+    torch.manual_seed(0)
+
+    print("1) The fused kernel (SDPA) computes the explicit formula softmax(q k^T / sqrt(d)) v")
+    for dtype in (torch.float32, torch.float64):
+        q, k, v = torch.randn(3, 2, 3, 197, 64, dtype=dtype)
+        diff = (F.scaled_dot_product_attention(q, k, v) - softmax_attention(q, k, v)).abs().max()
+        print(f"   {str(dtype):14s} max |SDPA - explicit| = {diff:.2e}")
+    m = SoftmaxAttention(192, num_heads=3).double()
+    x = torch.randn(2, 197, 192, dtype=torch.float64)
+    q, k, v = m.split_heads(x)
+    ref = m.proj(softmax_attention(q, k, v).transpose(1, 2).reshape(2, 197, 192))
+    print(f"   SoftmaxAttention(192, 3) module vs explicit, float64: {(m(x) - ref).abs().max():.2e}")
+    w = softmax_attention_weights(q, k)
+    print(f"   weights: shape {tuple(w.shape)}, rows sum to 1 (max error "
+          f"{(w.sum(-1) - 1).abs().max():.1e}), all positive: {bool((w > 0).all())}")
+
+    H, d = args.heads, args.head_dim
+    print(f"\n2) Cost of the attention core, forward + backward, B=1, {H} heads x {d} channels"
+          f" ({torch.get_num_threads()} CPU threads)" if not torch.cuda.is_available() else
+          f"\n2) Cost of the attention core, forward + backward, B=1, {H} heads x {d}, CUDA")
+    print(f"   {'N':>6} {'N x N matrix MB':>16} | {'explicit ms':>11} {'peak MB':>9} |"
+          f" {'SDPA ms':>9} {'peak MB':>9} | {'time vs prev N':>14}")
+    prev = None
+    for n in args.sizes:
+        q, k, v = (torch.randn(1, H, n, d, requires_grad=True) for _ in range(3))
+        t_e, m_e = measure(fwd_bwd(softmax_attention, q, k, v), repeat=args.repeat)
+        t_s, m_s = measure(fwd_bwd(F.scaled_dot_product_attention, q, k, v), repeat=args.repeat)
+        growth = "" if prev is None else f"x{t_e / prev[0]:.1f} / x{t_s / prev[1]:.1f}"
+        print(f"   {n:>6} {H * n * n * 4 / 2**20:>16.1f} | {t_e * 1e3:>11.1f} {fmt_mb(m_e):>9} |"
+              f" {t_s * 1e3:>9.1f} {fmt_mb(m_s):>9} | {growth:>14}")
+        prev = (t_e, t_s)
+    print("   Each step multiplies N by ~4: an O(N^2) cost grows ~16x. The explicit form stores the"
+          "\n   N x N weights (and their gradient), so its memory grows ~16x too; SDPA streams them.")
+
+
+if __name__ == "__main__":
+    main()

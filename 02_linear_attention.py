@@ -1,0 +1,133 @@
+"""Step 02 - linear attention: a kernel feature map and the associativity trick, O(N d^2).
+
+Softmax attention scores a query against a key with exp(q . k / sqrt(d)). Linear attention
+(Katharopoulos et al., 2020) replaces that score with a dot product of feature maps,
+sim(q, k) = phi(q) . phi(k), and normalises it the same way:
+
+    w_ij  = phi(q_i) . phi(k_j) / sum_s phi(q_i) . phi(k_s)
+    out_i = sum_j w_ij v_j
+          = phi(q_i)^T (sum_j phi(k_j) v_j^T)  /  phi(q_i) . (sum_s phi(k_s))
+
+In matrix form, out = (phi(Q) phi(K)^T) V / (phi(Q) phi(K)^T 1). Matrix products associate, so
+(phi(Q) phi(K)^T) V = phi(Q) (phi(K)^T V): computing the right-hand bracket first costs N d^2
+instead of N^2 d, and the largest intermediate is the d x d matrix phi(K)^T V (the "KV buffer")
+instead of the N x N weights. Time and memory become linear in N.
+
+The kernels phi of the InLine paper (Han et al., 2024, Table 2 / Table 7):
+  identity  phi(x) = x             (not positive: the denominator can vanish; InLine fixes that)
+  relu      phi(x) = max(x, 0)
+  leaky_relu phi(x) = max(x, 0.01 x)
+  elu       phi(x) = ELU(x) + 1    (positive; the choice of RALA, step 05)
+  exp       phi(x) = exp(x)
+
+This file gives feature_map, linear_attention (the O(N d^2) form), linear_attention_weights
+(the N x N form, for analysis only) and LinearAttention, the module. Run it to see the two
+orders of multiplication agree and how its cost compares with softmax attention as N grows.
+"""
+import argparse
+import importlib
+
+import torch
+import torch.nn.functional as F
+
+softmax = importlib.import_module("01_softmax_attention")
+
+KERNELS = {
+    "identity": lambda x: x,
+    "relu": F.relu,
+    "leaky_relu": lambda x: F.leaky_relu(x, 0.01),
+    "elu": lambda x: F.elu(x) + 1.0,
+    "exp": torch.exp,
+}
+
+
+def feature_map(x, kernel):
+    """phi(x), elementwise, for a kernel name in KERNELS."""
+    if kernel not in KERNELS:
+        raise ValueError(f"unknown kernel {kernel!r}; expected one of {sorted(KERNELS)}")
+    return KERNELS[kernel](x)
+
+
+def linear_attention(q, k, v, kernel="relu", eps=1e-6):
+    """phi(Q) (phi(K)^T V) / (phi(Q) phi(K)^T 1): O(N d^2), no N x N matrix. (B,H,N,d) -> same."""
+    softmax.check_qkv(q, k, v)
+    q, k = feature_map(q, kernel), feature_map(k, kernel)   # (B, H, N, d)
+    kv = k.transpose(-2, -1) @ v                             # (B, H, d, d)  sum_j phi(k_j) v_j^T
+    k_sum = k.sum(dim=-2, keepdim=True)                      # (B, H, 1, d)  sum_s phi(k_s)
+    num = q @ kv                                             # (B, H, N, d)
+    den = q @ k_sum.transpose(-2, -1)                        # (B, H, N, 1)  phi(q_i) . sum phi(k_s)
+    return num / (den + eps)
+
+
+def linear_attention_weights(q, k, kernel="relu", eps=1e-6):
+    """The N x N weights w_ij = phi(q_i).phi(k_j) / (sum_s phi(q_i).phi(k_s) + eps), for analysis."""
+    softmax.check_qkv(q, k)
+    sim = feature_map(q, kernel) @ feature_map(k, kernel).transpose(-2, -1)  # (B, H, N, N)
+    return sim / (sim.sum(dim=-1, keepdim=True) + eps)
+
+
+class LinearAttention(softmax.SoftmaxAttention):
+    """Step 01's module with the attention core replaced by linear attention."""
+
+    def __init__(self, dim, num_heads=8, qkv_bias=True, attn_drop=0.0, proj_drop=0.0,
+                 kernel="relu"):
+        super().__init__(dim, num_heads, qkv_bias, attn_drop, proj_drop)
+        if attn_drop:
+            raise ValueError(f"attn_drop={attn_drop}: linear attention never forms the N x N "
+                             f"weights, so there is nothing to drop; use attn_drop=0")
+        feature_map(torch.zeros(1), kernel)  # fail now, not at the first forward, on a bad name
+        self.kernel = kernel
+
+    def attend(self, q, k, v):
+        return linear_attention(q, k, v, self.kernel)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Step 02: linear attention and the associativity "
+                                            "trick, against softmax attention.")
+    p.add_argument("--sizes", type=int, nargs="+",
+                   default=[49, 98, 197, 392, 785, 1568, 3137, 12545],
+                   help="sequence lengths N for the cost table")
+    p.add_argument("--heads", type=int, default=6, help="heads (InLine-DeiT-T: 6 of 32 channels)")
+    p.add_argument("--head-dim", type=int, default=32)
+    p.add_argument("--repeat", type=int, default=5, help="timed runs per entry (median shown)")
+    args = p.parse_args(argv)
+    torch.manual_seed(0)
+
+    print("1) Associativity: (phi(Q) phi(K)^T) V  ==  phi(Q) (phi(K)^T V), float64, N=197, d=32")
+    q, k, v = torch.randn(3, 2, 6, 197, 32, dtype=torch.float64)
+    for kernel in KERNELS:
+        # identity: shift q, k so the denominator stays away from 0 (step 03 shows why it must)
+        qq, kk = (q + 1.0, k + 1.0) if kernel == "identity" else (q, k)
+        diff = (linear_attention(qq, kk, v, kernel)
+                - linear_attention_weights(qq, kk, kernel) @ v).abs().max()
+        print(f"   kernel {kernel:10s} max |fast - N x N form| = {diff:.1e}")
+    n, d = 197, 32
+    print(f"   multiply-adds per head: N x N form 2*N*N*d = {2 * n * n * d:,};"
+          f" linear form 2*N*d*d = {2 * n * d * d:,}")
+
+    H, d = args.heads, args.head_dim
+    print(f"\n2) Forward + backward of the attention core, B=1, {H} heads x {d} channels, "
+          f"{'CUDA' if torch.cuda.is_available() else f'{torch.get_num_threads()} CPU threads'}")
+    print(f"   {'N':>6} | {'softmax ms':>10} {'peak MB':>8} | {'linear ms':>10} {'peak MB':>8} |"
+          f" {'time ratio':>10}")
+    crossover = None
+    for n in args.sizes:
+        q, k, v = (torch.randn(1, H, n, d, requires_grad=True) for _ in range(3))
+        t_s, m_s = softmax.measure(softmax.fwd_bwd(F.scaled_dot_product_attention, q, k, v),
+                                   args.repeat)
+        t_l, m_l = softmax.measure(softmax.fwd_bwd(linear_attention, q, k, v), args.repeat)
+        if crossover is None and t_l < t_s:
+            crossover = n
+        print(f"   {n:>6} | {t_s * 1e3:>10.2f} {softmax.fmt_mb(m_s):>8} |"
+              f" {t_l * 1e3:>10.2f} {softmax.fmt_mb(m_l):>8} | {t_s / t_l:>9.1f}x")
+    print("   softmax = torch's fused SDPA (step 01); linear = linear_attention, ReLU kernel;"
+          "\n   time ratio = softmax time / linear time (above 1: linear attention is faster).")
+    if crossover is None:
+        print("   Linear attention was not faster at any measured N.")
+    else:
+        print(f"   Crossover: linear attention is faster from N = {crossover} on (of the N measured).")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,111 @@
+import pytest
+import torch
+
+from conftest import load
+
+sm = load("01_softmax_attention")
+la = load("02_linear_attention")
+
+# The kernels written out independently of the code under test.
+PHI = {
+    "identity": lambda x: x,
+    "relu": lambda x: torch.where(x > 0, x, torch.zeros_like(x)),
+    "leaky_relu": lambda x: torch.where(x > 0, x, 0.01 * x),
+    "elu": lambda x: torch.where(x > 0, x + 1, torch.exp(x)),  # ELU(x) + 1
+    "exp": lambda x: torch.exp(x),
+}
+
+
+def rand(*shape, seed=0, shift=0.0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=g, dtype=torch.float64) + shift
+
+
+def qkv(kernel, B=2, H=3, N=17, d=6):
+    # identity: shift q, k so that phi(q_i) . sum_s phi(k_s) stays well away from 0
+    s = 1.0 if kernel == "identity" else 0.0
+    return rand(B, H, N, d, seed=1, shift=s), rand(B, H, N, d, seed=2, shift=s), rand(B, H, N, d, seed=3)
+
+
+@pytest.mark.parametrize("kernel", sorted(PHI))
+def test_feature_map(kernel):
+    x = rand(4, 5, seed=9)
+    assert torch.allclose(la.feature_map(x, kernel), PHI[kernel](x), atol=1e-15)
+
+
+@pytest.mark.parametrize("kernel", sorted(PHI))
+def test_fast_equals_explicit_formula(kernel):
+    q, k, v = qkv(kernel)
+    fq, fk = PHI[kernel](q), PHI[kernel](k)
+    sim = torch.einsum("bhid,bhjd->bhij", fq, fk)
+    w = sim / (sim.sum(-1, keepdim=True) + 1e-6)
+    assert torch.allclose(la.linear_attention_weights(q, k, kernel), w, atol=1e-12, rtol=0)
+    out = torch.einsum("bhij,bhjd->bhid", w, v)
+    assert torch.allclose(la.linear_attention(q, k, v, kernel), out, atol=1e-10, rtol=0)
+
+
+@pytest.mark.parametrize("kernel", ["relu", "elu", "exp"])
+def test_weights_sum_to_one_for_positive_kernels(kernel):
+    q, k, _ = qkv(kernel)
+    q = q.abs()  # a ReLU query with no positive entry scores 0 against every key (0 / 0)
+    w = la.linear_attention_weights(q, k, kernel, eps=0.0)
+    assert (w >= 0).all()
+    assert torch.allclose(w.sum(-1), torch.ones_like(w[..., 0]), atol=1e-12)
+
+
+def test_associativity():
+    A, B, C = rand(40, 7, seed=4), rand(7, 40, seed=5), rand(40, 7, seed=6)
+    assert torch.allclose((A @ B) @ C, A @ (B @ C), atol=1e-10)
+
+
+@pytest.mark.parametrize("kernel", sorted(PHI))
+def test_gradcheck(kernel):
+    q, k, v = (t[:1, :1, :5, :3].clone().requires_grad_() for t in qkv(kernel))
+    assert torch.autograd.gradcheck(lambda a, b, c: la.linear_attention(a, b, c, kernel), (q, k, v))
+
+
+def test_relu_kernel_cannot_tell_q_from_2q():
+    # the scale of a query cancels in the normalisation: the root of step 03
+    q, k, _ = qkv("relu")
+    q = q.abs()  # a ReLU query with no positive entry scores 0 against every key (0 / 0)
+    assert torch.allclose(la.linear_attention_weights(q, k, eps=0.0),
+                          la.linear_attention_weights(2 * q, k, eps=0.0), atol=1e-12)
+
+
+@pytest.mark.skipif(not sm.CPU_PEAK_OK or torch.cuda.is_available(), reason="Linux CPU only")
+def test_linear_memory_at_65536_tokens():
+    # an N x N float32 matrix would need 65536**2 * 4 bytes = 16 GiB
+    n = 65536
+    q, k, v = (torch.randn(1, 1, n, 16) for _ in range(3))
+    out = {}
+    peak = sm.peak_memory(lambda: out.setdefault("y", la.linear_attention(q, k, v)))
+    assert out["y"].shape == (1, 1, n, 16) and torch.isfinite(out["y"]).all()
+    assert peak < 64 * 2**20  # a few (N, d) tensors of 4 MiB each
+
+
+def test_module():
+    torch.manual_seed(0)
+    m = la.LinearAttention(24, num_heads=4, kernel="elu").double()
+    x = rand(2, 9, 24, seed=7)
+    y = m(x)
+    assert y.shape == (2, 9, 24)
+    q, k, v = m.split_heads(x)
+    ref = m.proj(la.linear_attention(q, k, v, "elu").transpose(1, 2).reshape(2, 9, 24))
+    assert torch.allclose(y, ref, atol=1e-12)
+    # the kernel option matters
+    m.kernel = "relu"
+    assert not torch.allclose(m(x), y)
+
+
+def test_errors():
+    q, k, v = qkv("relu")
+    with pytest.raises(ValueError, match="unknown kernel 'softplus'.*'elu'"):
+        la.linear_attention(q, k, v, kernel="softplus")
+    with pytest.raises(ValueError, match="unknown kernel 'tanh'"):
+        la.LinearAttention(24, num_heads=4, kernel="tanh")
+    with pytest.raises(ValueError, match="dim=24 is not divisible by num_heads=5"):
+        la.LinearAttention(24, num_heads=5)
+    with pytest.raises(ValueError, match="attn_drop"):
+        la.LinearAttention(24, num_heads=4, attn_drop=0.1)
+    with pytest.raises(ValueError, match=r"k must be a \(B, H, N, d\) tensor"):
+        la.linear_attention(q, k[0], v)
