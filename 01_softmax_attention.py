@@ -108,11 +108,15 @@ class SoftmaxAttention(nn.Module):
         p = self.attn_drop if self.training else 0.0
         return F.scaled_dot_product_attention(q, k, v, dropout_p=p, scale=self.scale)
 
+    @staticmethod
+    def merge_heads(out):
+        """(B, H, N, d) -> (B, N, H*d): the heads side by side again."""
+        B, H, N, d = out.shape
+        return out.transpose(1, 2).reshape(B, N, H * d)
+
     def forward(self, x):
-        B, N, C = x.shape
         q, k, v = self.split_heads(x)                     # (B, H, N, d) each
-        out = self.attend(q, k, v)                        # (B, H, N, d)
-        out = out.transpose(1, 2).reshape(B, N, C)        # heads side by side again
+        out = self.merge_heads(self.attend(q, k, v))      # (B, N, C)
         return self.proj_drop(self.proj(out))             # (B, N, C)
 
 

@@ -1,0 +1,105 @@
+import pytest
+import torch
+
+from conftest import load
+
+la = load("02_linear_attention")
+inj = load("03_injectivity")
+
+KERNELS = ["identity", "relu", "leaky_relu", "elu", "exp"]
+
+
+def rand(*shape, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=g, dtype=torch.float64)
+
+
+def explicit_inline_weights(q, k, phi, scale):
+    """Eq. 5 element by element: w_ij = s (phi(q_i).phi(k_j) - mean_s phi(q_i).phi(k_s)) + 1/N."""
+    B, H, M, d = q.shape
+    N = k.shape[-2]
+    w = torch.empty(B, H, M, N, dtype=q.dtype)
+    for b in range(B):
+        for h in range(H):
+            for i in range(M):
+                sims = [float(phi(q[b, h, i]) @ phi(k[b, h, j])) for j in range(N)]
+                mean = sum(sims) / N
+                for j in range(N):
+                    w[b, h, i, j] = scale * (sims[j] - mean) + 1.0 / N
+    return w
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_weights_match_eq5(kernel):
+    q, k = rand(2, 2, 6, 4, seed=1), rand(2, 2, 6, 4, seed=2)
+    phi = lambda x: la.feature_map(x, kernel)  # noqa: E731  (the kernels are checked in test_02)
+    ref = explicit_inline_weights(q, k, phi, 0.37)
+    assert torch.allclose(inj.inline_attention_weights(q, k, kernel, scale=0.37), ref, atol=1e-13)
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_fast_equals_n_by_n_form(kernel):
+    q, k, v = rand(2, 3, 40, 8, seed=3), rand(2, 3, 40, 8, seed=4), rand(2, 3, 40, 8, seed=5)
+    w = inj.inline_attention_weights(q, k, kernel, scale=0.05)
+    assert torch.allclose(inj.inline_attention(q, k, v, kernel, scale=0.05), w @ v, atol=1e-10, rtol=0)
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_rows_sum_to_one(kernel):
+    w = inj.inline_attention_weights(rand(1, 2, 30, 8, seed=6), rand(1, 2, 30, 8, seed=7), kernel, scale=0.3)
+    assert torch.allclose(w.sum(-1), torch.ones(1, 2, 30, dtype=torch.float64), atol=1e-12)
+
+
+def test_weights_can_be_negative():
+    w = inj.inline_attention_weights(rand(1, 1, 50, 8, seed=8), rand(1, 1, 50, 8, seed=9), scale=0.2)
+    assert (w < 0).any()
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_gradcheck(kernel):
+    q, k, v = (rand(1, 1, 5, 3, seed=s).requires_grad_() for s in (10, 11, 12))
+    assert torch.autograd.gradcheck(lambda a, b, c: inj.inline_attention(a, b, c, kernel, 0.7), (q, k, v))
+
+
+def test_collinear_queries_collide_for_linear_not_for_inline():
+    k = rand(1, 1, 50, 8, seed=13)
+    q = rand(1, 1, 1, 8, seed=14).abs()  # positive, so ReLU keeps every coordinate
+    for c in (0.5, 2.0, 7.0):
+        qs = torch.cat([q, c * q], dim=2)  # (1, 1, 2, 8): q and c q
+        w_lin = la.linear_attention_weights(qs, k, "relu", eps=0.0)[0, 0]
+        assert torch.allclose(w_lin[0], w_lin[1], atol=1e-14)  # identical: confusion
+        w_inl = inj.inline_attention_weights(qs, k, "identity", scale=8 ** -0.5 / 50)[0, 0]
+        assert (w_inl[0] - w_inl[1]).abs().max() > 1e-3      # distinguished
+        # and InLine's difference is exactly the centred similarity, scaled: w(cq) - w(q) = (c-1)(w(q) - 1/N)
+        assert torch.allclose(w_inl[1] - w_inl[0], (c - 1) * (w_inl[0] - 1 / 50), atol=1e-14)
+
+
+def test_inline_is_injective_on_random_queries():
+    # w(q) = s (K - mean K) q + 1/N: with N - 1 >= d generic keys the map q -> w(q) is invertible
+    k = rand(1, 1, 40, 8, seed=15)
+    q = rand(1, 1, 20, 8, seed=16)
+    w = inj.inline_attention_weights(q, k, scale=0.1)[0, 0]      # (20, 40)
+    kc = (k - k.mean(-2, keepdim=True))[0, 0]                     # (40, 8)
+    q_back = torch.linalg.lstsq(kc, ((w - 1 / 40) / 0.1).T).solution.T
+    assert torch.allclose(q_back, q[0, 0], atol=1e-10)
+
+
+def test_module_formula_and_scale():
+    torch.manual_seed(0)
+    m = inj.InjectiveLinearAttention(48, num_heads=6).double()
+    assert m.kernel == "identity"
+    x = rand(2, 17, 48, seed=17)
+    q, k, v = m.split_heads(x)
+    w = inj.inline_attention_weights(q, k, scale=8 ** -0.5 / 17)   # head_dim**-0.5 / N
+    ref = m.proj((w @ v).transpose(1, 2).reshape(2, 17, 48))
+    assert torch.allclose(m(x), ref, atol=1e-12)
+    assert inj.InjectiveLinearAttention(48, num_heads=6, kernel="relu").kernel == "relu"
+
+
+def test_errors():
+    with pytest.raises(ValueError, match="dim=10 is not divisible by num_heads=4"):
+        inj.InjectiveLinearAttention(10, num_heads=4)
+    with pytest.raises(ValueError, match="unknown kernel 'gelu'"):
+        inj.InjectiveLinearAttention(16, num_heads=4, kernel="gelu")
+    with pytest.raises(ValueError, match=r"v .* must have the B, H, N of k"):
+        inj.inline_attention(rand(1, 1, 5, 3), rand(1, 1, 5, 3), rand(1, 1, 4, 3))
