@@ -1,0 +1,149 @@
+import pytest
+import torch
+
+from conftest import load
+
+sm = load("01_softmax_attention")
+inj = load("03_injectivity")
+loc = load("04_local_residual")
+
+
+def rand(*shape, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=g, dtype=torch.float64)
+
+
+def test_grid_size():
+    assert loc.grid_size(196) == (14, 0)
+    assert loc.grid_size(197) == (14, 1)
+    assert loc.grid_size(1) == (1, 0)
+    assert loc.grid_size(2) == (1, 1)
+    for bad in (0, 3, 198, 200):
+        with pytest.raises(ValueError, match=f"N={bad} tokens is not a square grid"):
+            loc.grid_size(bad)
+
+
+def test_local_mass_on_hand_built_weights():
+    # 3x3 grid, uniform weights 1/9: a corner sees 4 of 9 tokens in its 3x3 window, an edge 6, the centre 9
+    w = torch.full((9, 9), 1 / 9, dtype=torch.float64)
+    expected = torch.tensor([4, 6, 4, 6, 9, 6, 4, 6, 4], dtype=torch.float64) / 9
+    assert torch.allclose(loc.local_attention_mass(w, 3), expected)
+    # window 1 is the query itself
+    assert torch.allclose(loc.local_attention_mass(torch.eye(9, dtype=torch.float64), 1), torch.ones(9, dtype=torch.float64))
+    # all of query 0's weight on key 8 (opposite corner): outside a 3x3 window, inside a 5x5 one
+    w = torch.zeros(9, 9, dtype=torch.float64)
+    w[:, 8] = 1.0
+    assert loc.local_attention_mass(w, 3)[0] == 0 and loc.local_attention_mass(w, 5)[0] == 1
+    # with a class token: its row and column are left out, nothing is renormalised
+    w = torch.zeros(10, 10, dtype=torch.float64)
+    w[:, 0] = 0.5           # half of every row on the class token
+    w[1:, 1:] = 0.5 * torch.eye(9, dtype=torch.float64)  # the other half on the query itself
+    assert torch.allclose(loc.local_attention_mass(w, 3), torch.full((9,), 0.5, dtype=torch.float64))
+    # batched
+    assert loc.local_attention_mass(torch.rand(2, 3, 17, 17), 3).shape == (2, 3, 16)
+
+
+def test_local_mass_errors():
+    with pytest.raises(ValueError, match="window=4"):
+        loc.local_attention_mass(torch.eye(9), 4)
+    with pytest.raises(ValueError, match="N=8 tokens is not a square grid"):
+        loc.local_attention_mass(torch.eye(8), 3)
+    with pytest.raises(ValueError, match=r"expected \(\.\.\., N, N\) weights"):
+        loc.local_attention_mass(torch.ones(9, 10), 3)
+
+
+def explicit_local_residual(m, x, v):
+    """The residual written out: out[b, 1+p, c] = sum_{dr,dc} kernel[b, c, dr, dc] * vmap[b, c, r+dr, c+dc]."""
+    B, N, C = x.shape
+    side, cls = loc.grid_size(N)
+    mean = x.mean(dim=1)                                           # (B, C)
+    hidden = torch.nn.functional.gelu(m.residual[0](mean[:, :, None]))
+    kernel = m.residual[2](hidden)[:, :, 0].reshape(B, C, 3, 3)    # channel c: outputs 9c .. 9c+8
+    vals = v.transpose(1, 2).reshape(B, N, C)[:, cls:].reshape(B, side, side, C)
+    out = torch.zeros(B, N, C, dtype=x.dtype)
+    for b in range(B):
+        for r in range(side):
+            for c in range(side):
+                acc = torch.zeros(C, dtype=x.dtype)
+                for dr in (-1, 0, 1):
+                    for dc in (-1, 0, 1):
+                        if 0 <= r + dr < side and 0 <= c + dc < side:
+                            acc += kernel[b, :, dr + 1, dc + 1] * vals[b, r + dr, c + dc]
+                out[b, cls + r * side + c] = acc
+    return out
+
+
+@pytest.mark.parametrize("n", [16, 17])  # without and with a class token
+def test_inline_module_matches_explicit_formula(n):
+    torch.manual_seed(0)
+    m = loc.InLineAttention(24, num_heads=3).double()
+    x = rand(2, n, 24, seed=n)
+    q, k, v = m.split_heads(x)
+    w = inj.inline_attention_weights(q, k, scale=8 ** -0.5 / n)     # eq. 5, s = head_dim^-0.5 / N
+    out = (w @ v).transpose(1, 2).reshape(2, n, 24) + explicit_local_residual(m, x, v)
+    assert torch.allclose(m(x), m.proj(out), atol=1e-12)
+
+
+def test_zeroed_residual_reduces_to_injective_linear_attention():
+    torch.manual_seed(0)
+    m = loc.InLineAttention(24, num_heads=3).double()
+    x = rand(2, 17, 24, seed=3)
+    base = inj.InjectiveLinearAttention(24, num_heads=3).double()
+    base.load_state_dict({k: v for k, v in m.state_dict().items() if not k.startswith("residual")})
+    assert (m(x) - base(x)).abs().max() > 1e-6          # the residual matters...
+    with torch.no_grad():
+        m.residual[2].weight.zero_()
+        m.residual[2].bias.zero_()
+    assert torch.allclose(m(x), base(x), atol=1e-14)    # ...and is all that differs
+
+
+def test_parameter_names_and_inline_deit_t_count():
+    m = loc.InLineAttention(192, num_heads=6)
+    shapes = {k: tuple(v.shape) for k, v in m.state_dict().items()}
+    assert shapes == {
+        "qkv.weight": (576, 192), "qkv.bias": (576,), "proj.weight": (192, 192), "proj.bias": (192,),
+        "residual.0.weight": (192, 32, 1), "residual.0.bias": (192,),
+        "residual.2.weight": (1728, 32, 1), "residual.2.bias": (1728,),
+    }
+    extra = sum(p.numel() for p in m.parameters()) - sum(p.numel() for p in sm.SoftmaxAttention(192, 3).parameters())
+    assert 5_717_416 + 12 * extra == 6_477_736
+
+
+def test_gradcheck_module():
+    torch.manual_seed(0)
+    m = loc.InLineAttention(6, num_heads=2).double()
+    x = rand(1, 5, 6, seed=4).requires_grad_()
+    assert torch.autograd.gradcheck(m, (x,))
+
+
+def test_module_errors():
+    m = loc.InLineAttention(12, num_heads=3)
+    with pytest.raises(ValueError, match="N=15 tokens is not a square grid"):
+        m(torch.randn(1, 15, 12))
+    with pytest.raises(ValueError, match="dim=12 is not divisible by num_heads=5"):
+        loc.InLineAttention(12, num_heads=5)
+
+
+def official_arrangement(m, x):
+    """The computation arranged as the official InLine-DeiT code arranges it (class token first,
+    scale folded into k and v, 1 - q.mean(k) s times mean(v)); an independent route to the same
+    numbers, so a checkpoint trained with that code means the same here."""
+    b, n, c = x.shape
+    side, hd = int(n ** 0.5), c // m.num_heads
+    q, k, v = (t.reshape(b, n, m.num_heads, hd).permute(0, 2, 1, 3) for t in m.qkv(x).split(c, dim=-1))
+    s = hd ** -0.5
+    kv = (k.transpose(-2, -1) * (s / n) ** 0.5) @ (v * (s / n) ** 0.5)
+    out = q @ kv + (1 - q @ k.mean(dim=2, keepdim=True).transpose(-2, -1) * s) * v.mean(dim=2, keepdim=True)
+    out = out.transpose(1, 2).reshape(b, n, c)
+    kern = m.residual(x.mean(dim=1)[:, :, None]).reshape(b * c, 1, 3, 3)
+    vmap = v[:, :, 1:].transpose(1, 2).reshape(b, side, side, c).permute(0, 3, 1, 2).reshape(1, b * c, side, side)
+    res = torch.nn.functional.conv2d(vmap, kern, padding=1, groups=b * c).reshape(b, c, n - 1).permute(0, 2, 1)
+    out = torch.cat([out[:, :1], out[:, 1:] + res], dim=1)
+    return m.proj(out)
+
+
+def test_matches_the_official_arrangement():
+    torch.manual_seed(1)
+    m = loc.InLineAttention(192, num_heads=6).double()
+    x = rand(2, 197, 192, seed=5)
+    assert torch.allclose(m(x), official_arrangement(m, x), atol=1e-13)
