@@ -1,0 +1,307 @@
+"""Step 05 - rank augmentation: RALA, and the final module (InLine + RALA's rank augmentations).
+
+RALA (Fan et al., CVPR 2025, Sec. 3) looks at linear attention from the side of its ranks. Per
+head, everything linear attention knows about the N keys and values is squeezed into the d x d
+*KV buffer*
+
+    KV = sum_j phi(k_j) v_j^T                        (rank <= d, and in practice far lower)
+
+and every output row is phi(q_i)^T KV / z_i, so the N x d output matrix has rank <= rank(KV). With
+a positive kernel all phi(k_j) share a large common component, so KV is dominated by one direction
+(mean phi(k)) (sum v)^T: its *effective* rank is low, and so is the outputs'. Softmax attention
+has no such bottleneck: softmax(Q K^T) is N x N and (numerically) full rank. RALA raises the rank
+twice (the paper's Fig. 3 and eqs. 7-9):
+
+  1. KV buffer: re-weight each token by how much the (mean) query cares about it,
+         alpha_j = N * softmax_j( s * mean_i(phi(q_i)) . phi(k_j) )      (sum_j alpha_j = N)
+         KV = sum_j alpha_j phi(k_j) v_j^T
+     so the buffer is no longer an equal-weight average dominated by the common direction;
+  2. output: multiply the output element-wise by a gate o = x W_o computed from the input token,
+     out = proj((attention + lepe) * o): a Hadamard product can have rank up to the product of
+     the ranks, so every token's output escapes the d-dimensional span of KV.
+
+rala_attention(q, k, v), with phi = ELU + 1, computes (as the official code does, eps on the mean)
+
+    out_i = phi(q_i)^T (sum_j alpha_j phi(k_j) v_j^T) / N  /  (phi(q_i) . mean_j alpha_j phi(k_j) + eps)
+
+and RALAttention is the official RALA block attention for (B, N, C) tokens: one `qkvo` linear
+(q, k, v, gate o in that order), `lepe` (a 5x5 depthwise convolution on the value map of the patch
+tokens), `proj`. No RoPE: DeiT has absolute position embeddings.
+
+The final module, RankAugmentedInLineAttention, composes InLine (step 04: injective weights and
+the local residual) with both rank augmentations:
+
+    w_ij = s * (phi(q_i).alpha_j phi(k_j) - mean_t phi(q_i).alpha_t phi(k_t)) + 1/N
+    out  = proj((sum_j w_ij v_j + local_residual) * gate(x))
+
+InLine's rows still sum to 1 whatever alpha is: the bracket is a similarity minus its own mean
+over j, so it sums to 0 over j for *any* positive re-weighting of the keys, and the 1/N terms sum
+to 1. (RALA needs its division for that; InLine never divides, so re-weighting cannot break the
+normalisation or make a denominator vanish.) Each part is a constructor flag; with
+reweight=False, gate=False it computes exactly what InLineAttention computes.
+
+Run it for the rank tables; `--bench` for the speed / memory table of every module of steps 01-05.
+"""
+import argparse
+import importlib
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+softmax = importlib.import_module("01_softmax_attention")
+linear = importlib.import_module("02_linear_attention")
+injective = importlib.import_module("03_injectivity")
+local = importlib.import_module("04_local_residual")
+
+
+# ----------------------------------------------------------------------------------------------
+# measuring rank
+
+
+def numerical_rank(m, rtol=1e-3):
+    """Number of singular values above rtol * the largest, per matrix: (..., r, c) -> (...).
+    The tolerance is relative and stated, since every float matrix is 'full rank' at eps."""
+    s = torch.linalg.svdvals(m.double())                # (..., min(r, c)), descending
+    return (s > rtol * s[..., :1]).sum(dim=-1)
+
+
+def effective_rank(m):
+    """exp(entropy of the normalised singular values) (Roy & Vetterli, 2007): (..., r, c) -> (...).
+    A matrix with k equal singular values scores k; one dominant direction scores about 1."""
+    s = torch.linalg.svdvals(m.double())
+    p = s / s.sum(dim=-1, keepdim=True)
+    return torch.exp(-(p * torch.log(p.clamp_min(1e-300))).sum(dim=-1))
+
+
+# ----------------------------------------------------------------------------------------------
+# RALA attention
+
+
+def rala_token_weights(q, k, scale=None):
+    """alpha_j = N softmax_j(s * mean_i(q_i) . k_j) for already feature-mapped q, k: (B, H, N)."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    q_mean = q.mean(dim=-2, keepdim=True)                       # (B, H, 1, d)
+    logits = scale * (q_mean @ k.transpose(-2, -1))             # (B, H, 1, N)
+    return k.shape[-2] * logits.softmax(dim=-1)[..., 0, :]      # (B, H, N), sums to N
+
+
+def rala_attention(q, k, v, scale=None, eps=1e-6):
+    """RALA in O(N d^2): phi = ELU+1, keys re-weighted by alpha. (B, H, N, d) -> (B, H, N, d)."""
+    softmax.check_qkv(q, k, v)
+    q, k = linear.feature_map(q, "elu"), linear.feature_map(k, "elu")  # (B, H, N, d)
+    n = k.shape[-2]
+    k = k * rala_token_weights(q, k, scale)[..., None]   # (B, H, N, d)  alpha_j phi(k_j)
+    kv = k.transpose(-2, -1) @ v / n                     # (B, H, d, d)  the re-weighted KV buffer / N
+    z = q @ k.mean(dim=-2, keepdim=True).transpose(-2, -1) + eps  # (B, H, N, 1)
+    return (q @ kv) / z
+
+
+def rala_attention_weights(q, k, scale=None, eps=1e-6):
+    """The N x N form of rala_attention, for analysis. (B, H, N, d) -> (B, H, N, N)."""
+    softmax.check_qkv(q, k)
+    q, k = linear.feature_map(q, "elu"), linear.feature_map(k, "elu")
+    k = k * rala_token_weights(q, k, scale)[..., None]
+    sim = q @ k.transpose(-2, -1) / k.shape[-2]          # (B, H, N, N)
+    return sim / (sim.sum(dim=-1, keepdim=True) + eps)
+
+
+class RALAttention(nn.Module):
+    """The official RALA attention (without RoPE) for (B, N, C) tokens, N = H*W or 1 + H*W."""
+
+    def __init__(self, dim, num_heads=8, qkv_bias=True, attn_drop=0.0, proj_drop=0.0):
+        super().__init__()
+        softmax.check_heads(dim, num_heads)
+        if attn_drop:
+            raise ValueError(f"attn_drop={attn_drop}: RALA never forms the N x N weights; "
+                             f"use attn_drop=0")
+        self.dim, self.num_heads, self.head_dim = dim, num_heads, dim // num_heads
+        self.scale = self.head_dim ** -0.5
+        self.qkvo = nn.Linear(dim, 4 * dim, bias=qkv_bias)
+        self.lepe = nn.Conv2d(dim, dim, 5, padding=2, groups=dim)
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def forward(self, x):
+        if x.dim() != 3 or x.shape[-1] != self.dim:
+            raise ValueError(f"expected x of shape (B, N, {self.dim}), got {tuple(x.shape)}")
+        B, N, C = x.shape
+        side, cls = local.grid_size(N)
+        qkvo = self.qkvo(x).reshape(B, N, 4, self.num_heads, self.head_dim)
+        q, k, v, _ = qkvo.permute(2, 0, 3, 1, 4).unbind(0)        # (B, H, N, d) each
+        o = qkvo[:, :, 3].reshape(B, N, C)                         # (B, N, C) the gate
+        out = softmax.SoftmaxAttention.merge_heads(rala_attention(q, k, v, self.scale))  # (B, N, C)
+        v_map = qkvo[:, cls:, 2].reshape(B, side, side, C).permute(0, 3, 1, 2)  # (B, C, H, W)
+        lepe = self.lepe(v_map).flatten(2).transpose(1, 2)        # (B, H*W, C)
+        out = out + F.pad(lepe, (0, 0, cls, 0))                   # class token: no lepe
+        return self.proj_drop(self.proj(out * o))
+
+
+# ----------------------------------------------------------------------------------------------
+# the final module
+
+
+class RankAugmentedInLineAttention(local.InLineAttention):
+    """InLine (injective weights + local residual) with RALA's re-weighted KV buffer and output
+    gate. Flags: reweight (alpha on the keys), gate (output gate, a `gate` Linear), local (the
+    3x3 local residual). reweight=False, gate=False is InLineAttention, parameter for parameter."""
+
+    def __init__(self, dim, num_heads=8, qkv_bias=True, attn_drop=0.0, proj_drop=0.0,
+                 kernel="identity", reweight=True, gate=True, local=True):
+        super().__init__(dim, num_heads, qkv_bias, attn_drop, proj_drop, kernel=kernel)
+        self.reweight = reweight
+        self.gate = nn.Linear(dim, dim) if gate else None
+        if not local:
+            self.residual = None
+
+    def attend(self, q, k, v):
+        if not self.reweight:
+            return super().attend(q, k, v)
+        q, k = linear.feature_map(q, self.kernel), linear.feature_map(k, self.kernel)
+        alpha = rala_token_weights(q, k, self.scale)          # (B, H, N), sums to N
+        # eq. 5 on (phi(q), alpha * phi(k)); the kernel is already applied, so "identity"
+        return injective.inline_attention(q, k * alpha[..., None], v, "identity",
+                                          scale=self.scale / q.shape[-2])
+
+    def forward(self, x):
+        q, k, v = self.split_heads(x)                         # (B, H, N, d)
+        out = self.merge_heads(self.attend(q, k, v))          # (B, N, C)
+        if self.residual is not None:
+            out = out + self.local_residual(x, v)
+        if self.gate is not None:
+            out = out * self.gate(x)
+        return self.proj_drop(self.proj(out))
+
+
+MODULES = {  # every attention module of steps 01-05, by the names step 06 uses
+    "softmax": softmax.SoftmaxAttention,
+    "linear": linear.LinearAttention,
+    "injective": injective.InjectiveLinearAttention,
+    "inline": local.InLineAttention,
+    "rala": RALAttention,
+    "final": RankAugmentedInLineAttention,
+}
+
+
+# ----------------------------------------------------------------------------------------------
+# demo: rank tables
+
+
+def background_scene(n, d, objects, generator):
+    """q, k, v (1, 1, n, d) of a scene where `objects` distinct tokens are drowned by n - objects
+    near-copies of one background token, and every query looks for the objects (along e_0)."""
+    r = lambda *s: torch.randn(*s, generator=generator, dtype=torch.float64)  # noqa: E731
+    u = torch.zeros(d, dtype=torch.float64)
+    u[0] = 1.0
+    k = torch.cat([r(1, d) - 2 * u + 0.05 * r(n - objects, d), r(objects, d) + 3 * u])
+    v = torch.cat([r(1, d) + 0.05 * r(n - objects, d), r(objects, d)])
+    q = 3 * u + 0.5 * r(n, d)
+    return q[None, None], k[None, None], v[None, None]
+
+
+def ranks(m, rtol):
+    return f"{int(numerical_rank(m, rtol)):>4d} {float(effective_rank(m)):>7.2f}"
+
+
+def show_ranks(args):
+    g = torch.Generator().manual_seed(args.seed)
+    n, d, rtol = args.tokens, args.head_dim, args.rtol
+    elu = lambda x: linear.feature_map(x, "elu")  # noqa: E731
+    scenes = {"random tokens": tuple(torch.randn(3, 1, 1, n, d, generator=g, dtype=torch.float64)),
+              f"background + {args.objects} objects": background_scene(n, d, args.objects, g)}
+    print(f"Rank = numerical rank (singular values > {rtol:g} x the largest) and effective rank"
+          f"\n(exp of the entropy of the normalised singular values). One head, N = {n}, d = {d}.")
+    print(f"\n1) The d x d KV buffer, phi = ELU + 1 (max rank {d})")
+    print(f"   {'scene':28s} | {'sum_j phi(k_j) v_j^T':>21} | {'sum_j alpha_j phi(k_j) v_j^T':>28}")
+    for name, (q, k, v) in scenes.items():
+        alpha = rala_token_weights(elu(q), elu(k))
+        kv_lin = elu(k).transpose(-2, -1) @ v
+        kv_rala = (elu(k) * alpha[..., None]).transpose(-2, -1) @ v
+        print(f"   {name:28s} | {'':>9}{ranks(kv_lin, rtol)} | {'':>16}{ranks(kv_rala, rtol)}")
+    print(f"\n2) The N x d output of one head, same inputs (max rank {d})")
+    print(f"   {'attention':16s} | " + " | ".join(f"{s:>28s}" for s in scenes))
+    fns = {"softmax": softmax.softmax_attention,
+           "linear (ELU+1)": lambda q, k, v: linear.linear_attention(q, k, v, "elu"),
+           "InLine": lambda q, k, v: injective.inline_attention(q, k, v, scale=d ** -0.5 / n),
+           "RALA": rala_attention}
+    for name, fn in fns.items():
+        print(f"   {name:16s} | " + " | ".join(f"{'':>16}{ranks(fn(*s)[0, 0], rtol)}" for s in scenes.values()))
+
+    side = 14
+    x = torch.cat([torch.randn(1, 192, generator=g, dtype=torch.float64),
+                   local.smooth_tokens(side, 192, 4, g)])[None]  # (1, 197, 192)
+    print(f"\n3) The N x C output of each module (C = 192, 6 heads, freshly initialised, max rank"
+          f" 192) on\n   a {side}x{side} token map + class token whose neighbours are alike")
+    variants = [(k, cls, {}) for k, cls in MODULES.items()] + [
+        ("final, reweight off", RankAugmentedInLineAttention, {"reweight": False}),
+        ("final, gate off", RankAugmentedInLineAttention, {"gate": False}),
+        ("final, local off", RankAugmentedInLineAttention, {"local": False})]
+    for name, cls, kw in variants:
+        torch.manual_seed(args.seed)  # the same qkv / proj weights for every module
+        with torch.no_grad():
+            y = cls(192, num_heads=6, **kw).double()(x)[0]
+        print(f"   {name:20s} {ranks(y, rtol)}")
+    print("   Linear attention's buffer and outputs collapse towards one direction when many tokens"
+          "\n   look alike; alpha re-weighting lifts the buffer and RALA's output there, and the gate"
+          "\n   and the local terms lift a module's output rank, before any training. On random tokens"
+          "\n   (no redundancy) alpha concentrates the buffer on fewer tokens and lowers its effective"
+          "\n   rank: what it gains depends on the scene, and in a model on what training teaches q, k.")
+
+
+# ----------------------------------------------------------------------------------------------
+# benchmark
+
+
+def bench(args):
+    """Forward + backward time and peak memory of every module, as ratios to softmax (SDPA)."""
+    dev = "CUDA" if torch.cuda.is_available() else f"{torch.get_num_threads()} CPU threads"
+    print(f"Forward + backward of each module: B = {args.batch}, C = 192, 6 heads, float32, {dev}."
+          f"\nEach entry: time / softmax time, peak memory / softmax peak memory (softmax = SDPA,"
+          f"\nmeasured in the same run; below 1 is better).")
+    names = list(MODULES)
+    print(f"   {'N':>6} | {'softmax ms':>10} {'MB':>7} | " + " | ".join(f"{n:>12}" for n in names[1:]))
+    for n in args.sizes:
+        x = torch.randn(args.batch, n, 192, requires_grad=True)
+        row = {}
+        for name in names:
+            torch.manual_seed(0)
+            m = MODULES[name](192, num_heads=6)
+            row[name] = softmax.measure(softmax.fwd_bwd(m, x), repeat=args.repeat)
+            del m
+        t0, m0 = row["softmax"]
+        cells = [f"{row[k][0] / t0:>5.2f} {(row[k][1] / m0 if m0 else float('nan')):>6.3f}"
+                 for k in names[1:]]
+        print(f"   {n:>6} | {t0 * 1e3:>10.1f} {softmax.fmt_mb(m0):>7} | " + " | ".join(cells), flush=True)
+    if args.profile:
+        n = args.profile
+        x = torch.randn(args.batch, n, 192, requires_grad=True)
+        m = RankAugmentedInLineAttention(192, num_heads=6)
+        run = softmax.fwd_bwd(m, x)
+        run()
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            run()
+        print(f"\nWhere the final module's time goes at N = {n} (torch.profiler, self CPU time):")
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Step 05: rank of linear attention, RALA, and the "
+                                            "final module; --bench for speed and memory.")
+    p.add_argument("--tokens", type=int, default=197, help="N for the rank tables")
+    p.add_argument("--head-dim", type=int, default=32, help="d for the rank tables")
+    p.add_argument("--objects", type=int, default=12, help="distinct tokens in the background scene")
+    p.add_argument("--rtol", type=float, default=1e-3, help="relative tolerance of numerical rank")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--bench", action="store_true", help="time and memory of every module instead")
+    p.add_argument("--sizes", type=int, nargs="+", default=[197, 785, 3137, 12545],
+                   help="N for --bench (DeiT at 224, 448, 896, 1792 px)")
+    p.add_argument("--batch", type=int, default=8, help="batch size for --bench")
+    p.add_argument("--repeat", type=int, default=3, help="timed runs per entry for --bench")
+    p.add_argument("--profile", type=int, default=0, metavar="N",
+                   help="with --bench: also profile the final module at N tokens")
+    args = p.parse_args(argv)
+    bench(args) if args.bench else show_ranks(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,211 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import load
+
+loc = load("04_local_residual")
+inj = load("03_injectivity")
+ra = load("05_rank_augmentation")
+
+
+def rand(*shape, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=g, dtype=torch.float64)
+
+
+def elu1(x):  # ELU(x) + 1, written out
+    return torch.where(x > 0, x + 1, torch.exp(x))
+
+
+def explicit_alpha(fq, fk, scale):
+    """alpha_j = N softmax_j(scale * mean_i(fq_i) . fk_j) for one head, element by element."""
+    N = fk.shape[0]
+    fq, fk = fq.detach(), fk.detach()
+    qbar = fq.mean(dim=0)
+    logits = [scale * float(qbar @ fk[j]) for j in range(N)]
+    m = max(logits)
+    e = [math.exp(l - m) for l in logits]
+    return torch.tensor([N * x / sum(e) for x in e], dtype=torch.float64)
+
+
+def explicit_rala(q, k, v, scale, eps=1e-6):
+    B, H, N, d = q.shape
+    out = torch.zeros_like(v)
+    for b in range(B):
+        for h in range(H):
+            fq, fk = elu1(q[b, h]), elu1(k[b, h])
+            a = explicit_alpha(fq, fk, scale)
+            for i in range(N):
+                num = sum(float(fq[i] @ (a[j] * fk[j])) * v[b, h, j] for j in range(N)) / N
+                den = float(fq[i] @ (a[:, None] * fk).mean(dim=0)) + eps
+                out[b, h, i] = num / den
+    return out
+
+
+def test_rala_matches_explicit_formula():
+    q, k, v = rand(2, 2, 9, 4, seed=1), rand(2, 2, 9, 4, seed=2), rand(2, 2, 9, 4, seed=3)
+    ref = explicit_rala(q, k, v, 0.5)
+    assert torch.allclose(ra.rala_attention(q, k, v, scale=0.5), ref, atol=1e-12)
+    assert torch.allclose(ra.rala_attention_weights(q, k, scale=0.5) @ v, ref, atol=1e-12)
+    # default scale d**-0.5
+    assert torch.allclose(ra.rala_attention(q, k, v), explicit_rala(q, k, v, 4 ** -0.5), atol=1e-12)
+
+
+def test_rala_fast_equals_n_by_n_form_larger():
+    q, k, v = rand(2, 3, 60, 16, seed=4), rand(2, 3, 60, 16, seed=5), rand(2, 3, 60, 16, seed=6)
+    w = ra.rala_attention_weights(q, k)
+    assert torch.allclose(ra.rala_attention(q, k, v), w @ v, atol=1e-10, rtol=0)
+    assert torch.allclose(w.sum(-1), torch.ones(2, 3, 60, dtype=torch.float64), atol=1e-6)
+
+
+def test_alpha_sums_to_n_and_is_uniform_without_a_preference():
+    fq, fk = elu1(rand(2, 3, 30, 8, seed=7)), elu1(rand(2, 3, 30, 8, seed=8))
+    a = ra.rala_token_weights(fq, fk)
+    assert a.shape == (2, 3, 30) and (a > 0).all()
+    assert torch.allclose(a.sum(-1), torch.full((2, 3), 30.0, dtype=torch.float64), atol=1e-10)
+    assert torch.allclose(a[0, 0], explicit_alpha(fq[0, 0], fk[0, 0], 8 ** -0.5), atol=1e-12)
+    # a mean query of 0 prefers no key: alpha = 1 for every token
+    q = rand(1, 1, 5, 8, seed=9)
+    assert torch.allclose(ra.rala_token_weights(torch.cat([q, -q], 2), fk[:1, :1]),
+                          torch.ones(1, 1, 30, dtype=torch.float64), atol=1e-12)
+
+
+def test_gradcheck_rala():
+    q, k, v = (rand(1, 2, 5, 3, seed=s).requires_grad_() for s in (10, 11, 12))
+    assert torch.autograd.gradcheck(ra.rala_attention, (q, k, v))
+
+
+def test_rank_helpers_on_known_ranks():
+    u, _ = torch.linalg.qr(rand(20, 20, seed=13))
+    w, _ = torch.linalg.qr(rand(10, 10, seed=14))
+    make = lambda s: u[:, :len(s)] @ torch.diag(torch.tensor(s, dtype=torch.float64)) @ w[:, :len(s)].T  # noqa: E731
+    assert int(ra.numerical_rank(make([5.0, 3.0, 1.0, 0.0, 0.0]))) == 3
+    assert int(ra.numerical_rank(make([1.0, 1e-4]))) == 1              # below rtol = 1e-3
+    assert int(ra.numerical_rank(make([1.0, 1e-4]), rtol=1e-5)) == 2
+    assert abs(float(ra.effective_rank(make([2.0] * 7))) - 7) < 1e-9   # k equal values -> k
+    assert abs(float(ra.effective_rank(make([1.0]))) - 1) < 1e-9
+    # two values p, 1-p: exp(entropy)
+    e = float(ra.effective_rank(make([3.0, 1.0])))
+    assert abs(e - math.exp(-(0.75 * math.log(0.75) + 0.25 * math.log(0.25)))) < 1e-9
+    # batched
+    assert ra.numerical_rank(rand(4, 6, 5, seed=15)).tolist() == [5] * 4
+
+
+def test_reweighting_raises_kv_rank_where_tokens_are_redundant():
+    g = torch.Generator().manual_seed(0)
+    q, k, v = ra.background_scene(197, 32, 12, g)
+    fq, fk = elu1(q), elu1(k)
+    kv_lin = fk.transpose(-2, -1) @ v
+    kv_rala = (fk * ra.rala_token_weights(fq, fk)[..., None]).transpose(-2, -1) @ v
+    assert float(ra.effective_rank(kv_rala)) > 2 * float(ra.effective_rank(kv_lin))
+    assert float(ra.effective_rank(ra.rala_attention(q, k, v))) > float(
+        ra.effective_rank(load("02_linear_attention").linear_attention(q, k, v, "elu")))
+
+
+def official_rala(m, x_map):
+    """RALA as the official code arranges it (channels-first maps, 1x1 convolutions, scale folded
+    into the buffer), RoPE off. x_map: (B, C, H, W)."""
+    B, C, H, W = x_map.shape
+    nh, hd = m.num_heads, C // m.num_heads
+    qkvo = F.conv2d(x_map, m.qkvo.weight[:, :, None, None], m.qkvo.bias)
+    qkv, o = qkvo[:, :3 * C], qkvo[:, 3 * C:]
+    lepe = m.lepe(qkv[:, 2 * C:])
+    q, k, v = qkv.reshape(B, 3, nh, hd, H * W).permute(1, 0, 2, 4, 3)   # 3 x (B, nh, HW, hd)
+    q, k = F.elu(q) + 1.0, F.elu(k) + 1.0
+    eff = torch.softmax(hd ** -0.5 * q.mean(dim=-2, keepdim=True) @ k.transpose(-1, -2), dim=-1)
+    k = k * eff.transpose(-1, -2) * (H * W)
+    z = 1 / (q @ k.mean(dim=-2, keepdim=True).transpose(-2, -1) + 1e-6)
+    kv = (k.transpose(-2, -1) * (H * W) ** -0.5) @ (v * (H * W) ** -0.5)
+    res = (q @ kv * z).permute(0, 1, 3, 2).reshape(B, C, H, W)
+    return F.conv2d((res + lepe) * o, m.proj.weight[:, :, None, None], m.proj.bias)
+
+
+def test_ralattention_matches_official_arrangement():
+    torch.manual_seed(0)
+    m = ra.RALAttention(48, num_heads=4).double()
+    assert set(m.state_dict()) == {"qkvo.weight", "qkvo.bias", "lepe.weight", "lepe.bias",
+                                   "proj.weight", "proj.bias"}
+    assert m.qkvo.weight.shape == (192, 48) and m.lepe.weight.shape == (48, 1, 5, 5)
+    x = rand(2, 49, 48, seed=16)                              # 7 x 7 grid, no class token
+    ref = official_rala(m, x.transpose(1, 2).reshape(2, 48, 7, 7)).flatten(2).transpose(1, 2)
+    assert torch.allclose(m(x), ref, atol=1e-12)
+
+
+def test_ralattention_leaves_the_class_token_out_of_lepe():
+    torch.manual_seed(0)
+    m = ra.RALAttention(24, num_heads=3).double()
+    x = rand(2, 17, 24, seed=17)
+    y = m(x)
+    with torch.no_grad():
+        m.lepe.weight.add_(1.0)
+    y2 = m(x)
+    assert torch.allclose(y[:, 0], y2[:, 0], atol=1e-14)    # class token: no lepe
+    assert (y[:, 1:] - y2[:, 1:]).abs().max() > 1e-3
+
+
+def explicit_final_attend(q, k, v, scale_alpha, s):
+    """Eq. 5 with alpha-re-weighted keys (identity kernel), element by element."""
+    B, H, N, d = q.shape
+    out = torch.zeros_like(v)
+    for b in range(B):
+        for h in range(H):
+            a = explicit_alpha(q[b, h], k[b, h], scale_alpha)
+            sims = q[b, h] @ (a[:, None] * k[b, h]).T                  # (N, N)
+            w = s * (sims - sims.mean(dim=1, keepdim=True)) + 1.0 / N
+            assert torch.allclose(w.sum(1), torch.ones(N, dtype=torch.float64), atol=1e-12)
+            out[b, h] = w @ v[b, h]
+    return out
+
+
+def test_final_module_attention_is_reweighted_inline_and_rows_sum_to_one():
+    torch.manual_seed(0)
+    m = ra.RankAugmentedInLineAttention(24, num_heads=3).double()
+    x = rand(2, 17, 24, seed=18)
+    q, k, v = m.split_heads(x)
+    ref = explicit_final_attend(q, k, v, 8 ** -0.5, 8 ** -0.5 / 17)
+    assert torch.allclose(m.attend(q, k, v), ref, atol=1e-12)
+    full = m.proj((m.merge_heads(ref) + m.local_residual(x, v)) * m.gate(x))
+    assert torch.allclose(m(x), full, atol=1e-12)
+
+
+def test_final_module_flags():
+    torch.manual_seed(0)
+    inline = loc.InLineAttention(24, num_heads=3).double()
+    with torch.no_grad():
+        inline.qkv.weight.mul_(4.0)  # a clear preference in alpha
+    plain = ra.RankAugmentedInLineAttention(24, num_heads=3, reweight=False, gate=False).double()
+    plain.load_state_dict(inline.state_dict(), strict=True)  # the same parameters, by name
+    x = rand(2, 17, 24, seed=19)
+    assert torch.allclose(plain(x), inline(x), atol=1e-14)
+
+    outs = {}
+    for flags in [dict(), dict(reweight=False), dict(gate=False), dict(local=False)]:
+        torch.manual_seed(0)
+        m = ra.RankAugmentedInLineAttention(24, num_heads=3, **flags).double()
+        m.load_state_dict(inline.state_dict(), strict=False)
+        outs[tuple(flags)] = m(x)
+    full = outs[()]
+    for key in [("reweight",), ("gate",), ("local",)]:
+        assert (outs[key] - full).abs().max() > 1e-6, key
+    m = ra.RankAugmentedInLineAttention(24, num_heads=3, gate=False, local=False)
+    assert set(m.state_dict()) == {"qkv.weight", "qkv.bias", "proj.weight", "proj.bias"}
+
+
+def test_gradcheck_final_module():
+    torch.manual_seed(0)
+    m = ra.RankAugmentedInLineAttention(6, num_heads=2).double()
+    x = rand(1, 5, 6, seed=20).requires_grad_()
+    assert torch.autograd.gradcheck(m, (x,))
+
+
+@pytest.mark.parametrize("cls", [ra.RALAttention, ra.RankAugmentedInLineAttention])
+def test_errors(cls):
+    with pytest.raises(ValueError, match="dim=20 is not divisible by num_heads=3"):
+        cls(20, num_heads=3)
+    with pytest.raises(ValueError, match="N=18 tokens is not a square grid"):
+        cls(12, num_heads=3)(torch.randn(1, 18, 12))
+    with pytest.raises(ValueError, match="attn_drop"):
+        cls(12, num_heads=3, attn_drop=0.1)
