@@ -143,11 +143,11 @@ def _cpu_peak_setup():
 CPU_PEAK_OK = sys.platform.startswith("linux") and _cpu_peak_setup()
 
 
-def peak_memory(fn):
+def peak_memory(fn, device="cpu"):
     """Extra memory (bytes) that fn() needs at its peak. On CUDA: torch's allocator statistics.
     On Linux CPU: the rise of the process's peak resident set (VmHWM, reset by writing 5 to
     /proc/self/clear_refs) above its size before the call. None where neither is available."""
-    if torch.cuda.is_available():
+    if torch.device(device).type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
@@ -168,19 +168,20 @@ def peak_memory(fn):
     return _rss("VmHWM") - base
 
 
-def measure(fn, repeat=3):
-    """(median seconds, peak extra bytes) of fn(). The first call measures the peak memory and
-    warms up; `repeat` timed calls follow (just one when a call takes over a second)."""
+def measure(fn, repeat=3, device="cpu"):
+    """(median seconds, peak extra bytes) of fn() running on `device`. The first call measures
+    the peak memory and warms up; `repeat` timed calls follow (one when a call takes over 1 s)."""
+    cuda = torch.device(device).type == "cuda"
     t0 = time.perf_counter()
-    peak = peak_memory(fn)
+    peak = peak_memory(fn, device)
     repeat = 1 if time.perf_counter() - t0 > 1.0 else repeat
     times = []
     for _ in range(repeat):
-        if torch.cuda.is_available():
+        if cuda:
             torch.cuda.synchronize()
         t0 = time.perf_counter()
         fn()
-        if torch.cuda.is_available():
+        if cuda:
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
     return sorted(times)[len(times) // 2], peak
@@ -228,9 +229,8 @@ def main(argv=None):
           f"{(w.sum(-1) - 1).abs().max():.1e}), all positive: {bool((w > 0).all())}")
 
     H, d = args.heads, args.head_dim
-    print(f"\n2) Cost of the attention core, forward + backward, B=1, {H} heads x {d} channels"
-          f" ({torch.get_num_threads()} CPU threads)" if not torch.cuda.is_available() else
-          f"\n2) Cost of the attention core, forward + backward, B=1, {H} heads x {d}, CUDA")
+    print(f"\n2) Cost of the attention core, forward + backward, B=1, {H} heads x {d} channels,"
+          f" CPU ({torch.get_num_threads()} threads)")
     print(f"   {'N':>6} {'N x N matrix MB':>16} | {'explicit ms':>11} {'peak MB':>9} |"
           f" {'SDPA ms':>9} {'peak MB':>9} | {'time vs prev N':>14}")
     prev = None

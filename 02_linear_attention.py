@@ -108,7 +108,7 @@ def main(argv=None):
 
     H, d = args.heads, args.head_dim
     print(f"\n2) Forward + backward of the attention core, B=1, {H} heads x {d} channels, "
-          f"{'CUDA' if torch.cuda.is_available() else f'{torch.get_num_threads()} CPU threads'}")
+          f"CPU ({torch.get_num_threads()} threads)")
     print(f"   {'N':>6} | {'softmax ms':>10} {'peak MB':>8} | {'linear ms':>10} {'peak MB':>8} |"
           f" {'time ratio':>10}")
     crossover = None

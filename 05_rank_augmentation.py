@@ -173,7 +173,7 @@ class RankAugmentedInLineAttention(local.InLineAttention):
         return self.proj_drop(self.proj(out))
 
 
-MODULES = {  # every attention module of steps 01-05, by the names step 06 uses
+ATTENTIONS = {  # every attention module of steps 01-05, by the names step 06 uses
     "softmax": softmax.SoftmaxAttention,
     "linear": linear.LinearAttention,
     "injective": injective.InjectiveLinearAttention,
@@ -232,7 +232,7 @@ def show_ranks(args):
                    local.smooth_tokens(side, 192, 4, g)])[None]  # (1, 197, 192)
     print(f"\n3) The N x C output of each module (C = 192, 6 heads, freshly initialised, max rank"
           f" 192) on\n   a {side}x{side} token map + class token whose neighbours are alike")
-    variants = [(k, cls, {}) for k, cls in MODULES.items()] + [
+    variants = [(k, cls, {}) for k, cls in ATTENTIONS.items()] + [
         ("final, reweight off", RankAugmentedInLineAttention, {"reweight": False}),
         ("final, gate off", RankAugmentedInLineAttention, {"gate": False}),
         ("final, local off", RankAugmentedInLineAttention, {"local": False})]
@@ -254,18 +254,18 @@ def show_ranks(args):
 
 def bench(args):
     """Forward + backward time and peak memory of every module, as ratios to softmax (SDPA)."""
-    dev = "CUDA" if torch.cuda.is_available() else f"{torch.get_num_threads()} CPU threads"
-    print(f"Forward + backward of each module: B = {args.batch}, C = 192, 6 heads, float32, {dev}."
+    print(f"Forward + backward of each module: B = {args.batch}, C = 192, 6 heads, float32,"
+          f" CPU ({torch.get_num_threads()} threads)."
           f"\nEach entry: time / softmax time, peak memory / softmax peak memory (softmax = SDPA,"
           f"\nmeasured in the same run; below 1 is better).")
-    names = list(MODULES)
+    names = list(ATTENTIONS)
     print(f"   {'N':>6} | {'softmax ms':>10} {'MB':>7} | " + " | ".join(f"{n:>12}" for n in names[1:]))
     for n in args.sizes:
         x = torch.randn(args.batch, n, 192, requires_grad=True)
         row = {}
         for name in names:
             torch.manual_seed(0)
-            m = MODULES[name](192, num_heads=6)
+            m = ATTENTIONS[name](192, num_heads=6)
             row[name] = softmax.measure(softmax.fwd_bwd(m, x), repeat=args.repeat)
             del m
         t0, m0 = row["softmax"]
