@@ -21,10 +21,11 @@ InLine attention (the paper's eq. 5) drops the division and re-centres instead:
 
 The rows still sum to 1 (the bracket sums to 0 over j), but w(q) is now an affine function of
 phi(q), which is injective whenever the centred keys phi(k_j) - mean phi(k) span the space (for
-the identity kernel, N - 1 >= d generic keys). The weights can be negative. The output is still
-linear in N:
+the identity kernel, N - 1 >= d generic keys). The weights can be negative. Since
+mean_s phi(q_i).phi(k_s) = phi(q_i) . mean_s phi(k_s), eq. 5 is linear attention on *centred* keys,
+without the division, plus the uniform 1/N; the output is still linear in N:
 
-    out_i = s * (phi(q_i)^T (phi(K)^T V) - (phi(q_i) . mean_s phi(k_s)) * sum_j v_j) + mean_j v_j
+    out_i = s * phi(q_i)^T (sum_j (phi(k_j) - mean_s phi(k_s)) v_j^T) + mean_j v_j
 
 The module uses the identity kernel and s = head_dim**-0.5 / N, as the official code does (the
 1/N keeps the weights of order 1/N for any N). `InjectiveLinearAttention` is InLine without the
@@ -51,14 +52,15 @@ def inline_attention_weights(q, k, kernel="identity", scale=1.0):
 
 
 def inline_attention(q, k, v, kernel="identity", scale=1.0):
-    """InLine attention in O(N d^2): out = s (phi(Q) phi(K)^T V - phi(Q) mean phi(K) * sum V) + mean V."""
+    """InLine attention in O(N d^2): out = s phi(Q) (phi(K) - mean phi(K))^T V + mean V."""
     softmax.check_qkv(q, k, v)
     q, k = linear.feature_map(q, kernel), linear.feature_map(k, kernel)  # (B, H, N, d)
-    kv = k.transpose(-2, -1) @ v                          # (B, H, d, d)  sum_j phi(k_j) v_j^T
-    k_mean = k.mean(dim=-2, keepdim=True)                 # (B, H, 1, d)  mean_s phi(k_s)
-    v_sum = v.sum(dim=-2, keepdim=True)                   # (B, H, 1, d)  sum_j v_j
-    centred = q @ kv - (q @ k_mean.transpose(-2, -1)) * v_sum  # (B, H, N, d)
-    return scale * centred + v_sum / v.shape[-2]          # + (1/N) sum_j v_j
+    # mean_s phi(q_i).phi(k_s) = phi(q_i) . mean_s phi(k_s), so eq. 5 is
+    #   w_ij = s phi(q_i) . (phi(k_j) - mean_s phi(k_s)) + 1/N:  linear attention on centred keys,
+    # with no division, plus the uniform 1/N. Centre the keys, then associate as in step 02:
+    k = k - k.mean(dim=-2, keepdim=True)                  # (B, H, N, d)  phi(k_j) - mean phi(k)
+    kv = k.transpose(-2, -1) @ v                          # (B, H, d, d)  the centred KV buffer
+    return q @ (scale * kv) + v.mean(dim=-2, keepdim=True)  # (B, H, N, d)  + (1/N) sum_j v_j
 
 
 class InjectiveLinearAttention(linear.LinearAttention):
