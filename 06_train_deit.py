@@ -1,0 +1,815 @@
+"""Step 06 - DeiT-T with the final attention module, and its ImageNet training script.
+
+The model is timm's VisionTransformer (Dosovitskiy et al.; DeiT, Touvron et al.) with the attention
+of each block swapped for one of the steps before:
+
+    x = [cls; patches(img) W_e] + pos_embed                 (B, N, C),  N = 1 + (S/P)^2
+    x = x + drop_path(attn(norm1(x)))                        for each of the `depth` blocks
+    x = x + drop_path(mlp(norm2(x)))                         mlp = fc2(GELU(fc1(x))), 4C wide
+    logits = head(norm(x)[:, 0])                             the class token classifies
+
+Names, shapes and initialisation follow timm, so `deit_tiny(attn="softmax", num_heads=3)` is timm's
+deit_tiny_patch16_224 (5,717,416 parameters) and loads its checkpoint with strict=True, and
+`deit_tiny(attn="inline", num_heads=6)` is the official InLine-DeiT-T (6,477,736 parameters).
+Default heads: 3 for softmax (timm's 64 channels per head), 6 for every linear kind (as the InLine
+paper's DeiT-T, 32 channels per head: linear attention's buffer phi(K)^T V is d x d per head).
+
+The training recipe is the one the InLine paper used for DeiT-T (every value is a flag):
+    300 epochs; warm-up 20 epochs from lr 5e-7, then cosine to 5e-6, updated every step
+    AdamW, lr 5e-4 per 512 images (lr = 5e-4 * global batch / 512), betas (0.9, 0.999),
+        weight decay 0.05 except on norms, biases, pos_embed and cls_token
+    label smoothing 0.1, drop-path 0.1 (rising linearly over depth), grad-norm clip 5.0
+    RandomResizedCrop 224 (bicubic), flip, RandAugment (magnitude 9), RandomErasing 0.25,
+        MixUp 0.8 / CutMix 1.0 (one of the two per batch, CutMix with probability 0.5)
+    evaluation: resize 256 (bicubic, = 224 / 0.875), centre crop 224, top-1 / top-5
+
+The same file runs on one CPU, one GPU (bf16 autocast, --compile) or many nodes, unchanged:
+    python 06_train_deit.py                                # CPU demo on synthetic shapes (~2 min)
+    python 06_train_deit.py --data-path /data/imagenet       # one GPU (or CPU)
+    torchrun --nproc_per_node 8 06_train_deit.py --data-path /data/imagenet
+    torchrun --nnodes 2 --nproc_per_node 8 --rdzv-endpoint host:29500 06_train_deit.py ...
+    python 06_train_deit.py --bench --img-size 448          # images/s: chosen attention vs softmax
+Every epoch ends with an atomic checkpoint (model, optimizer, scheduler, RNG states) and a line of
+JSON in OUTPUT/log.jsonl; running the same command again continues exactly where it stopped.
+"""
+import argparse
+import importlib
+import json
+import math
+import os
+import random
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data.distributed import DistributedSampler
+from tqdm import tqdm
+
+softmax = importlib.import_module("01_softmax_attention")
+rank_aug = importlib.import_module("05_rank_augmentation")
+
+# every attention of the course, by name (defined in step 05); each maps (B, N, C) -> (B, N, C):
+# softmax (01), linear (02), injective (03), inline (04), rala and final (05)
+ATTENTIONS = rank_aug.ATTENTIONS
+
+
+class UserError(Exception):
+    """A problem with the input (paths, sizes, files): reported as one line, exit status 1."""
+
+
+# ----------------------------------------------------------------------------------------------
+# the model: timm's VisionTransformer, parameter for parameter
+
+
+def default_heads(attn):
+    """3 heads of 64 channels for softmax (timm's DeiT-T); 6 of 32 for the linear kinds (InLine)."""
+    return 3 if attn == "softmax" else 6
+
+
+class DropPath(nn.Module):
+    """Stochastic depth: drop a sample's whole residual branch with probability p (train only)."""
+
+    def __init__(self, p=0.0):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x):                                               # (B, N, C)
+        if self.p == 0.0 or not self.training:
+            return x
+        keep = x.new_empty(x.shape[0], 1, 1).bernoulli_(1 - self.p)     # (B, 1, 1) of 0 / 1
+        return x * keep / (1 - self.p)                                  # expectation unchanged
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim, hidden):
+        super().__init__()
+        self.fc1, self.act, self.fc2 = nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))                          # (B, N, C)
+
+
+class Block(nn.Module):
+    def __init__(self, dim, num_heads, mlp_ratio, qkv_bias, drop_path, attn_cls):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = attn_cls(dim, num_heads=num_heads, qkv_bias=qkv_bias, attn_drop=0.0,
+                             proj_drop=0.0)  # DeiT uses no dropout (linear kinds refuse it)
+        self.drop_path = DropPath(drop_path)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+
+    def forward(self, x):                                               # (B, N, C)
+        x = x + self.drop_path(self.attn(self.norm1(x)))                # pre-norm residuals
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+
+class PatchEmbed(nn.Module):
+    """Cut the image into P x P patches and project each to C channels (a strided convolution)."""
+
+    def __init__(self, img_size, patch_size, in_chans, dim):
+        super().__init__()
+        if img_size < patch_size or img_size % patch_size:
+            raise ValueError(f"img_size={img_size} is not divisible by patch_size={patch_size}: "
+                             f"the image must be a whole number of patches, e.g. "
+                             f"{max(1, round(img_size / patch_size)) * patch_size}")
+        self.img_size, self.grid = img_size, img_size // patch_size
+        self.proj = nn.Conv2d(in_chans, dim, patch_size, stride=patch_size)
+
+    def forward(self, x):                                               # (B, 3, S, S)
+        if x.shape[-2:] != (self.img_size, self.img_size):
+            raise ValueError(f"expected {self.img_size} x {self.img_size} images, got "
+                             f"{tuple(x.shape[-2:])}")
+        return self.proj(x).flatten(2).transpose(1, 2)                 # (B, g*g, C)
+
+
+class VisionTransformer(nn.Module):
+    """ViT / DeiT with a pluggable attention. `attn`: a name in ATTENTIONS, or any module class
+    with the course's constructor (dim, num_heads=, qkv_bias=, attn_drop=, proj_drop=), e.g. a
+    functools.partial of the final module with one of its parts switched off.
+    num_heads=None picks default_heads(attn)."""
+
+    def __init__(self, img_size=224, patch_size=16, in_chans=3, num_classes=1000, embed_dim=192,
+                 depth=12, num_heads=None, mlp_ratio=4.0, qkv_bias=True, drop_path_rate=0.1,
+                 attn="final"):
+        super().__init__()
+        if isinstance(attn, str) and attn not in ATTENTIONS:
+            raise ValueError(f"unknown attention {attn!r}; choose from {', '.join(ATTENTIONS)}")
+        attn_cls = ATTENTIONS[attn] if isinstance(attn, str) else attn
+        num_heads = default_heads(attn) if num_heads is None else num_heads
+        softmax.check_heads(embed_dim, num_heads)
+        self.num_heads = num_heads
+        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + self.patch_embed.grid ** 2, embed_dim))
+        dpr = torch.linspace(0, drop_path_rate, depth).tolist()  # deeper blocks dropped more
+        self.blocks = nn.Sequential(*[Block(embed_dim, num_heads, mlp_ratio, qkv_bias, dpr[i],
+                                            attn_cls) for i in range(depth)])
+        self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
+        self.head = nn.Linear(embed_dim, num_classes)
+        # timm / DeiT initialisation. It also re-initialises the Linear layers inside the attention
+        # modules, as the official InLine and RALA code do; their convolutions keep torch's default.
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        nn.init.trunc_normal_(self.cls_token, std=0.02)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, x):                                               # (B, 3, S, S)
+        x = self.patch_embed(x)                                         # (B, N-1, C)
+        cls = self.cls_token.expand(x.shape[0], -1, -1)                 # (B, 1, C)
+        x = torch.cat([cls, x], dim=1) + self.pos_embed                 # (B, N, C)
+        x = self.norm(self.blocks(x))                                   # (B, N, C)
+        return self.head(x[:, 0])                                       # (B, num_classes)
+
+
+def deit_tiny(attn="final", **kw):
+    """DeiT-T: 192 channels, 12 blocks, patch 16 at 224 px (heads: see default_heads)."""
+    return VisionTransformer(**{"embed_dim": 192, "depth": 12, **kw}, attn=attn)
+
+
+# ----------------------------------------------------------------------------------------------
+# checkpoints: reading, matching, resizing the position embedding
+
+
+def read_checkpoint(path):
+    """torch.load with every failure turned into a one-line UserError. weights_only=True: a
+    checkpoint is data, never code (our checkpoints hold only tensors and Python scalars)."""
+    if not os.path.isfile(path):
+        raise UserError(f"checkpoint {path} does not exist")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"cannot read checkpoint {path} (corrupt or not a torch file): "
+                        f"{reason}") from None
+    if not isinstance(ckpt, dict):
+        raise UserError(f"checkpoint {path} holds a {type(ckpt).__name__}, not a state_dict")
+    return ckpt
+
+
+def match_state_dict(model, sd, path):
+    """Raise UserError naming the keys and shapes unless sd fits model exactly (strict=True)."""
+    own = model.state_dict()
+    if not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise UserError(f"checkpoint {path} is not a state_dict (or {{'model': state_dict}})")
+    missing = [k for k in own if k not in sd]
+    unexpected = [k for k in sd if k not in own]
+    shapes = [f"{k} {tuple(sd[k].shape)} in file vs {tuple(v.shape)} in model"
+              for k, v in own.items() if k in sd and sd[k].shape != v.shape]
+
+    def some(items):
+        return ", ".join(items[:4]) + (f" and {len(items) - 4} more" if len(items) > 4 else "")
+    problems = [f"{name} {some(items)}" for name, items in
+                [("missing keys:", missing), ("unexpected keys:", unexpected),
+                 ("shape mismatch:", shapes)] if items]
+    if problems:
+        raise UserError(f"checkpoint {path} does not match the model ({model.num_heads} heads, "
+                        f"{len(own)} tensors): " + "; ".join(problems))
+
+
+def resize_pos_embed(pos_embed, grid):
+    """(1, 1 + g*g, C) -> (1, 1 + grid*grid, C): class token row kept, the g x g grid resized
+    bicubically (the usual way to fine-tune at a new resolution)."""
+    cls, patches = pos_embed[:, :1], pos_embed[:, 1:]                   # (1, 1, C), (1, g*g, C)
+    g, C = math.isqrt(patches.shape[1]), pos_embed.shape[-1]
+    if g * g != patches.shape[1]:
+        raise UserError(f"pos_embed with {patches.shape[1]} patch tokens is not a square grid")
+    patches = patches.reshape(1, g, g, C).permute(0, 3, 1, 2)           # (1, C, g, g)
+    patches = F.interpolate(patches.float(), size=(grid, grid), mode="bicubic",
+                            align_corners=False).to(pos_embed.dtype)    # (1, C, grid, grid)
+    return torch.cat([cls, patches.permute(0, 2, 3, 1).reshape(1, grid * grid, C)], dim=1)
+
+
+def load_pretrained(model, path):
+    """Load a bare state_dict or {"model": state_dict} with strict=True, resizing pos_embed if
+    the checkpoint was trained at another resolution."""
+    sd = read_checkpoint(path)
+    sd = sd["model"] if isinstance(sd.get("model"), dict) else sd
+    pe, own = sd.get("pos_embed"), model.pos_embed
+    if isinstance(pe, torch.Tensor) and pe.dim() == 3 and pe.shape[-1] == own.shape[-1] \
+            and pe.shape != own.shape:  # same width, another grid: another resolution
+        sd = {**sd, "pos_embed": resize_pos_embed(pe, model.patch_embed.grid)}
+    match_state_dict(model, sd, path)
+    model.load_state_dict(sd, strict=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# data: a synthetic shapes task for the CPU demo, ImageNet folders for the real thing
+
+SHAPES = ("disc", "ring", "plus", "cross", "hbar", "vbar", "triangle", "nabla", "dots", "corner")
+
+
+def synthetic_shapes(n, img_size=32, seed=0):
+    """n images (uint8 (n, 3, S, S)) and labels (n,): one of 10 shapes at a random place and size,
+    in a random colour on a noisy background of another colour. The label is the shape, so a
+    model must learn form, not colour or position (chance: 10%)."""
+    g = torch.Generator().manual_seed(seed)
+    parts = [draw_shapes(min(500, n - i), img_size, g) for i in range(0, n, 500)]  # bounded memory
+    return torch.cat([x for x, _ in parts]), torch.cat([y for _, y in parts])
+
+
+def draw_shapes(n, img_size, g):
+    y = torch.randint(len(SHAPES), (n,), generator=g)
+    r = img_size * (0.2 + 0.12 * torch.rand(n, 1, 1, generator=g))     # radius, 20-32% of S
+    cx, cy = (r + (img_size - 2 * r) * torch.rand(2, n, 1, 1, generator=g))  # whole shape inside
+    grid = torch.arange(img_size) + 0.5
+    dx, dy = (grid[None, None, :] - cx) / r, (grid[None, :, None] - cy) / r  # (n, S, S) in radii
+    ax, ay = dx.abs(), dy.abs()
+    d, box = (dx ** 2 + dy ** 2).sqrt(), torch.maximum(ax, ay)
+    masks = torch.stack([d < 0.9, (d < 1) & (d > 0.55),                              # disc, ring
+                         ((ax < 0.3) | (ay < 0.3)) & (box < 1),                      # plus
+                         ((ax - ay).abs() < 0.3) & (box < 0.85),                     # cross
+                         (ay < 0.3) & (ax < 1), (ax < 0.3) & (ay < 1),               # bars
+                         (dy < 0.8) & (ax < 0.5 * (dy + 1)),                         # triangle
+                         (dy > -0.8) & (ax < 0.5 * (1 - dy)),                        # nabla
+                         ((ax - 0.55) ** 2 + dy ** 2 < 0.16),                        # dots
+                         (box < 1) & ((dx < -0.45) | (dy > 0.45))])                  # corner
+    mask = masks[y, torch.arange(n)][:, None]                           # (n, 1, S, S)
+    fg = torch.rand(n, 3, 1, 1, generator=g)
+    bg = (fg + 0.3 + 0.4 * torch.rand(n, 3, 1, 1, generator=g)) % 1     # >= 0.3 apart per channel
+    img = torch.where(mask, fg, bg) + 0.08 * torch.randn(n, 3, img_size, img_size, generator=g)
+    return (img.clamp(0, 1) * 255).round().to(torch.uint8), y
+
+
+class TensorImages(Dataset):
+    """uint8 images in memory, served as normalised float tensors."""
+
+    def __init__(self, images, labels):
+        self.images, self.labels = images, labels
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        return (self.images[i].float() / 255 - 0.5) / 0.25, self.labels[i]
+
+
+LAYOUT = ("expected --data-path DIR holding train/ and val/, each with one sub-folder of images "
+          "per class, e.g. DIR/train/n01440764/x.JPEG and DIR/val/n01440764/y.JPEG (ImageNet's "
+          "val/ must be sorted into class folders too)")
+
+
+def check_layout(root):
+    """Fail early, with the expected layout, on a missing or wrongly laid out --data-path."""
+    if not os.path.isdir(root):
+        raise UserError(f"--data-path {root} is not a directory; {LAYOUT}")
+    classes = {}
+    for split in ("train", "val"):
+        d = os.path.join(root, split)
+        if not os.path.isdir(d):
+            raise UserError(f"--data-path {root} has no {split}/ folder; {LAYOUT}")
+        classes[split] = sorted(e.name for e in os.scandir(d) if e.is_dir())
+        if not classes[split]:
+            raise UserError(f"{d} has no class folders; {LAYOUT}")
+    if classes["train"] != classes["val"]:
+        diff = sorted(set(classes["train"]) ^ set(classes["val"]))
+        raise UserError(f"train/ ({len(classes['train'])} classes) and val/ "
+                        f"({len(classes['val'])}) must have the same class folders; "
+                        f"in only one: {', '.join(diff[:5])}")
+
+
+def load_rgb(path):
+    """ImageFolder's loader, naming the file when it cannot be read."""
+    from PIL import Image
+    try:
+        with open(path, "rb") as f:
+            return Image.open(f).convert("RGB")
+    except Exception as e:
+        raise UserError(f"cannot read image {path}: {e}") from None
+
+
+def imagenet_data(args):
+    """(train set, val set, classes, batch mixer) from an ImageFolder tree, with DeiT's
+    augmentation. torchvision is needed on this path only."""
+    from torchvision.datasets import ImageFolder
+    from torchvision.transforms import v2
+    check_layout(args.data_path)
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    to_tensor = [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
+    train_tf = v2.Compose([
+        v2.RandomResizedCrop(args.img_size, interpolation=v2.InterpolationMode.BICUBIC),
+        v2.RandomHorizontalFlip(),
+        v2.RandAugment(magnitude=args.randaug_magnitude,
+                       interpolation=v2.InterpolationMode.BILINEAR, fill=[124, 116, 104]),
+        *to_tensor,
+        v2.RandomErasing(p=args.random_erasing, value="random"),  # on normalised pixels, as timm
+    ])
+    eval_tf = v2.Compose([
+        v2.Resize(int(args.img_size / args.eval_crop_ratio),  # 256 for 224
+                  interpolation=v2.InterpolationMode.BICUBIC),
+        v2.CenterCrop(args.img_size), *to_tensor])
+    try:
+        train = ImageFolder(os.path.join(args.data_path, "train"), train_tf, loader=load_rgb)
+        val = ImageFolder(os.path.join(args.data_path, "val"), eval_tf, loader=load_rgb)
+    except FileNotFoundError as e:  # a class folder without any image file
+        raise UserError(f"{e}; {LAYOUT}") from None
+    # MixUp / CutMix act on whole batches (on the device): one of the two for each batch,
+    # CutMix with probability --mix-switch. Their soft targets go straight into the loss.
+    n, mixers, probs = len(train.classes), [], []
+    if args.mixup > 0:
+        mixers.append(v2.MixUp(alpha=args.mixup, num_classes=n))
+        probs.append(1 - args.mix_switch)
+    if args.cutmix > 0:
+        mixers.append(v2.CutMix(alpha=args.cutmix, num_classes=n))
+        probs.append(args.mix_switch)
+    mix = v2.RandomChoice(mixers, p=probs if len(mixers) == 2 else [1.0]) if mixers else None
+    return train, val, train.classes, mix
+
+
+def make_loaders(train_set, val_set, args, rank, world, device):
+    """Each process reads its own 1/world of every epoch (the sampler's shuffle depends only on
+    seed and epoch) and of the validation set (no padding, so the all-reduced counts are exact).
+    Workers are not persistent: a fresh iterator per epoch draws its worker seeds from the
+    torch RNG, which the checkpoint restores, so a resumed run sees the same augmentations."""
+    sampler = DistributedSampler(train_set, num_replicas=world, rank=rank, shuffle=True,
+                                 seed=args.seed, drop_last=True)
+    common = dict(batch_size=args.batch_size, num_workers=args.workers,
+                  pin_memory=device.type == "cuda")
+    train = DataLoader(train_set, sampler=sampler, drop_last=True, **common)
+    val = DataLoader(Subset(val_set, range(rank, len(val_set), world)), **common)
+    return train, val
+
+
+# ----------------------------------------------------------------------------------------------
+# optimisation
+
+
+def param_groups(model, weight_decay):
+    """AdamW groups: no weight decay on norms, biases (1-D) and the two embeddings."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        skip = p.ndim <= 1 or name.endswith(".bias") or name in ("pos_embed", "cls_token")
+        (no_decay if skip else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0}]
+
+
+def lr_schedule(optimizer, peak, warmup_lr, min_lr, warmup_steps, total_steps):
+    """Per step: linear warm-up warmup_lr -> peak, then cosine peak -> min_lr at total_steps."""
+    def factor(step):  # LambdaLR multiplies the peak lr by this
+        if step < warmup_steps:
+            return (warmup_lr + (peak - warmup_lr) * step / warmup_steps) / peak
+        t = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return (min_lr + (peak - min_lr) * 0.5 * (1 + math.cos(math.pi * t))) / peak
+    for group in optimizer.param_groups:
+        group["lr"] = peak
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+# ----------------------------------------------------------------------------------------------
+# processes and devices
+
+
+def setup_distributed(device=None):
+    """(rank, world size, device). torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; a plain
+    `python` run is rank 0 of 1. NCCL between GPUs, gloo between CPU processes."""
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    use_cuda = torch.cuda.is_available() if device is None else device == "cuda"
+    if use_cuda and not torch.cuda.is_available():
+        raise UserError("--device cuda, but torch sees no CUDA GPU (torch.cuda.is_available())")
+    if use_cuda:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+        torch.set_float32_matmul_precision("high")  # TF32 for what runs outside autocast
+    else:
+        device = torch.device("cpu")
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    return rank, world, device
+
+
+def all_reduce_sum(t):
+    if dist.is_initialized():
+        dist.all_reduce(t)
+    return t
+
+
+def prepare(model, device, world, compile=False):
+    """(model to train, model to evaluate): compiled if asked, DDP-wrapped when world > 1.
+    Evaluation skips DDP: shards can differ in length, and no gradients need averaging."""
+    model = model.to(device)
+    if compile:
+        model = torch.compile(model)
+    if world > 1:
+        return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
+                                       else None), model
+    return model, model
+
+
+def autocast(device, amp):
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+
+
+# ----------------------------------------------------------------------------------------------
+# one epoch of training, one evaluation
+
+
+def train_one_epoch(model, loader, criterion, optimizer, scheduler, scaler, mix, device, args,
+                    epoch=0, rank=0):
+    """Train on every batch of `loader`; returns the mean loss over all processes' images."""
+    model.train()
+    total = torch.zeros(2, device=device)                               # sum of losses, images
+    # progress bars on rank 0 only, and only on a terminal (None: tqdm checks for a TTY)
+    bar = tqdm(loader, desc=f"epoch {epoch}", disable=(rank != 0) or None, leave=False,
+               dynamic_ncols=True)
+    for step, (images, targets) in enumerate(bar):
+        images = images.to(device, non_blocking=True)                   # (B, 3, S, S)
+        targets = targets.to(device, non_blocking=True)                 # (B,) or (B, classes)
+        if mix is not None:
+            images, targets = mix(images, targets)                      # soft targets (B, K)
+        with autocast(device, args.amp):
+            loss = criterion(model(images), targets)                    # label-smoothed CE
+        # a NaN / inf loss on any process stops all of them before the weights are touched
+        bad = all_reduce_sum((~torch.isfinite(loss.detach())).float())
+        if bad.item():
+            raise UserError(f"loss is {loss.item()} at epoch {epoch}, step {step}: training "
+                            f"stopped before the update; the last good checkpoint is kept. "
+                            f"Try a lower --lr, or --amp none")
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()                                   # DDP all-reduces here
+        if args.clip_grad > 0:
+            scaler.unscale_(optimizer)
+            nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
+        scaler.step(optimizer)
+        scaler.update()
+        scheduler.step()                                                # lr is set per step
+        total += torch.stack([loss.detach().float() * len(images),
+                              torch.tensor(float(len(images)), device=device)])
+        bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
+    total = all_reduce_sum(total)
+    return (total[0] / total[1]).item()
+
+
+@torch.no_grad()
+def evaluate(model, loader, device, args, rank=0):
+    """Top-1 and top-5 accuracy (%) over the whole validation set (all processes)."""
+    model.eval()
+    stats = torch.zeros(3, device=device)                               # top-1, top-5, images
+    for images, targets in tqdm(loader, desc="eval", disable=(rank != 0) or None, leave=False):
+        images, targets = images.to(device, non_blocking=True), targets.to(device)
+        with autocast(device, args.amp):
+            logits = model(images)                                      # (B, K)
+        top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices      # (B, 5)
+        hits = top5 == targets[:, None]                                 # (B, 5)
+        stats += torch.stack([hits[:, 0].sum(), hits.any(1).sum(),
+                              torch.tensor(len(targets), device=device)]).float()
+    stats = all_reduce_sum(stats)
+    return (100 * stats[0] / stats[2]).item(), (100 * stats[1] / stats[2]).item()
+
+
+# ----------------------------------------------------------------------------------------------
+# checkpoints: RNG states of every process, atomic writes
+
+
+def rng_state():
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {"torch": torch.get_rng_state(), "python": random.getstate(),
+            "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+            # numpy's key array as a tensor: the checkpoint then loads with weights_only=True
+            "numpy": (name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss)}
+
+
+def set_rng_state(s):
+    torch.set_rng_state(s["torch"])
+    random.setstate(s["python"])
+    if s["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(s["cuda"])
+    name, keys, pos, has_gauss, gauss = s["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+
+
+def gather_rng_states(world):
+    """Every process's RNG states (drop-path masks and augmentations differ per process)."""
+    states = [None] * world
+    if world > 1:
+        dist.all_gather_object(states, rng_state())
+    else:
+        states[0] = rng_state()
+    return states
+
+
+def save_atomic(obj, path):
+    """Write to a temporary file, flush it to disk, then rename over `path`: a crash at any moment
+    leaves either the old checkpoint or the new one, never half of one."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------------------------
+# benchmark: the chosen attention against softmax, same run, same settings
+
+
+def bench(args, device, log):
+    """Train (forward, backward, AdamW step) and inference images/s at --img-size, for the chosen
+    attention and for softmax (timm's DeiT-T with 3 heads), on random images."""
+    batch = args.bench_batch or (128 if device.type == "cuda" else 8)
+    x = torch.randn(batch, 3, args.img_size, args.img_size, device=device)  # (B, 3, S, S)
+    y = torch.randint(1000, (batch,), device=device)
+    log(f"bench: {args.depth} blocks x {args.embed_dim} channels, {args.img_size} px "
+        f"(N = {1 + (args.img_size // args.patch_size) ** 2} tokens), batch {batch}, "
+        f"{device.type}, amp {args.amp}, compile {args.compile}"
+        + ("" if device.type == "cuda" else f", {torch.get_num_threads()} threads"))
+    log(f"{'attention':>10} {'heads':>5} {'params':>9} | {'train img/s':>11} {'peak MB':>8} |"
+        f" {'infer img/s':>11} {'peak MB':>8}")
+    speed = {}
+    for name in dict.fromkeys([args.attn, "softmax"]):
+        heads = args.num_heads if name == args.attn else None
+        model = build_model(argparse.Namespace(**{**vars(args), "attn": name,
+                                                  "num_heads": heads}), 1000).to(device)
+        run = torch.compile(model) if args.compile else model
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+        def train_step():
+            with autocast(device, args.amp):
+                loss = F.cross_entropy(run(x), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+
+        def infer():
+            with torch.no_grad(), autocast(device, args.amp):
+                run(x)
+        model.train()
+        t_train, m_train = softmax.measure(train_step, args.bench_steps)
+        model.eval()
+        t_infer, m_infer = softmax.measure(infer, args.bench_steps)
+        speed[name] = (batch / t_train, batch / t_infer)
+        log(f"{name:>10} {model.num_heads:>5} {sum(p.numel() for p in model.parameters()):>9,} |"
+            f" {speed[name][0]:>11.1f} {softmax.fmt_mb(m_train):>8} |"
+            f" {speed[name][1]:>11.1f} {softmax.fmt_mb(m_infer):>8}")
+        del model, run, opt
+    if args.attn != "softmax":
+        (a_tr, a_in), (s_tr, s_in) = speed[args.attn], speed["softmax"]
+        log(f"{args.attn} / softmax: train x{a_tr / s_tr:.2f}, inference x{a_in / s_in:.2f} "
+            f"(> 1: faster than softmax)")
+    return speed
+
+
+# ----------------------------------------------------------------------------------------------
+# command line
+
+# With no --data-path: a small ViT (4 blocks x 96 channels, 6 heads, 8 px patches: 16 tokens + the
+# class token) on 32 px synthetic shapes, sized to train in ~1.5 min on 2 CPU cores: ~70-75%
+# held-out top-1 (chance 10%; more --epochs go higher). Command-line flags still win over these.
+DEMO = dict(img_size=32, patch_size=8, embed_dim=96, depth=4, epochs=5, warmup_epochs=1,
+            batch_size=64, lr=8e-3, warmup_lr=1e-5, min_lr=1e-5, drop_path=0.0, workers=0)
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(
+        description="Train / evaluate / benchmark DeiT-T with the course's attention modules. "
+                    "With no --data-path it trains a small ViT on a synthetic task (CPU demo).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    a = p.add_argument
+    a("--data-path", help="ImageNet-style folder with train/ and val/ (one sub-folder per class)")
+    a("--output", help="checkpoint.pth and log.jsonl go here (default runs/<data>-<attn>)")
+    a("--workers", type=int, default=8, help="data loading processes per GPU / process")
+    a("--demo-train", type=int, default=10000, help="demo: synthetic training images")
+    a("--demo-val", type=int, default=2000, help="demo: held-out synthetic images")
+    # model
+    a("--attn", default="final", choices=list(ATTENTIONS), help="attention of every block")
+    a("--img-size", type=int, default=224)
+    a("--patch-size", type=int, default=16)
+    a("--embed-dim", type=int, default=192)
+    a("--depth", type=int, default=12)
+    a("--num-heads", type=int, default=None, help="default: 3 for softmax, 6 otherwise")
+    a("--drop-path", type=float, default=0.1, help="stochastic depth rate of the last block")
+    a("--pretrained", metavar="PATH", help="start from these weights (state_dict or {'model': "
+      "...}, strict; pos_embed resized to --img-size); a resumed run ignores it")
+    # recipe
+    a("--epochs", type=int, default=300)
+    a("--warmup-epochs", type=int, default=20)
+    a("--warmup-lr", type=float, default=5e-7)
+    a("--min-lr", type=float, default=5e-6)
+    a("--batch-size", type=int, default=128, help="per process; global = this x processes")
+    a("--lr", type=float, default=5e-4, help="peak lr per 512 images (scaled by global batch)")
+    a("--betas", type=float, nargs=2, default=[0.9, 0.999])
+    a("--weight-decay", type=float, default=0.05)
+    a("--clip-grad", type=float, default=5.0, help="max gradient norm (0: no clipping)")
+    a("--label-smoothing", type=float, default=0.1)
+    a("--randaug-magnitude", type=int, default=9)
+    a("--random-erasing", type=float, default=0.25, help="probability per image")
+    a("--mixup", type=float, default=0.8, help="MixUp alpha (0: off)")
+    a("--cutmix", type=float, default=1.0, help="CutMix alpha (0: off)")
+    a("--mix-switch", type=float, default=0.5, help="probability of CutMix instead of MixUp")
+    a("--eval-crop-ratio", type=float, default=0.875, help="resize to img-size / this, crop")
+    a("--seed", type=int, default=0)
+    # hardware and modes
+    a("--device", choices=["cuda", "cpu"], help="default: cuda if available")
+    a("--amp", choices=["bf16", "fp16", "none"], help="autocast dtype (default: bf16 on cuda)")
+    a("--compile", action="store_true", help="torch.compile the model")
+    a("--resume", metavar="PATH", help="continue from this checkpoint (default: OUTPUT/"
+      "checkpoint.pth if it exists)")
+    a("--eval-only", action="store_true", help="top-1 / top-5 of --pretrained or --resume")
+    a("--bench", action="store_true", help="images/s of --attn and softmax at --img-size")
+    a("--bench-batch", type=int, help="default 128 on cuda, 8 on cpu")
+    a("--bench-steps", type=int, default=5, help="timed steps (median)")
+    args = p.parse_args(argv)
+    if args.data_path is None and not args.bench:
+        p.set_defaults(**DEMO)
+        args = p.parse_args(argv)
+    args.demo = args.data_path is None and not args.bench
+    if args.output is None:
+        args.output = os.path.join("runs", f"{'demo' if args.demo else 'imagenet'}-{args.attn}")
+    return args
+
+
+def build_model(args, num_classes):
+    try:
+        return VisionTransformer(args.img_size, args.patch_size, num_classes=num_classes,
+                                 embed_dim=args.embed_dim, depth=args.depth,
+                                 num_heads=args.num_heads, drop_path_rate=args.drop_path,
+                                 attn=args.attn)
+    except ValueError as e:  # sizes that do not fit: a user error, not a bug
+        raise UserError(str(e)) from None
+
+
+def run(args):
+    rank, world, device = setup_distributed(args.device)
+    args.amp = args.amp or ("bf16" if device.type == "cuda" else "none")
+    log = print if rank == 0 else (lambda *a, **k: None)
+    torch.manual_seed(args.seed + rank)  # different drop-path / augmentation per process; DDP
+    random.seed(args.seed + rank)        # copies rank 0's initial weights to the others
+    np.random.seed(args.seed + rank)
+    if args.bench:
+        return bench(args, device, log)
+
+    build_model(args, 1)  # sizes that do not fit fail now, before any data is read or made
+    if args.demo:
+        train_set = TensorImages(*synthetic_shapes(args.demo_train, args.img_size, seed=0))
+        val_set = TensorImages(*synthetic_shapes(args.demo_val, args.img_size, seed=1))
+        classes, mix = SHAPES, None  # no augmentation: every image is new anyway
+        log(f"DEMO (no --data-path): a small ViT ({args.depth} blocks x {args.embed_dim} "
+            f"channels, patch {args.patch_size}, attention '{args.attn}') learns {len(classes)} "
+            f"synthetic shapes at {args.img_size} px: {len(train_set)} training images, "
+            f"{len(val_set)} held out (fixed seeds). Chance is {100 / len(classes):.0f}%.")
+    else:
+        train_set, val_set, classes, mix = imagenet_data(args)
+    model = build_model(args, len(classes))
+    n_params = sum(p.numel() for p in model.parameters())
+
+    ckpt_path = os.path.join(args.output, "checkpoint.pth")
+    resume = args.resume or (ckpt_path if os.path.exists(ckpt_path) and not args.eval_only
+                             else None)
+    ckpt = None
+    if resume:
+        ckpt = read_checkpoint(resume)
+        lacking = {"model", "optimizer", "scheduler", "epoch", "best_top1", "rng"} - set(ckpt)
+        if lacking:
+            raise UserError(f"{resume} is not a checkpoint of this script (no "
+                            f"{', '.join(sorted(lacking))}); to start from its weights use "
+                            f"--pretrained")
+        match_state_dict(model, ckpt["model"], resume)
+        model.load_state_dict(ckpt["model"])
+    elif args.pretrained:
+        load_pretrained(model, args.pretrained)
+    train_model, eval_model = prepare(model, device, world, args.compile)
+    train_loader, val_loader = make_loaders(train_set, val_set, args, rank, world, device)
+
+    if args.eval_only:
+        if not (resume or args.pretrained):
+            raise UserError("--eval-only needs weights: --pretrained PATH or --resume PATH")
+        top1, top5 = evaluate(eval_model, val_loader, device, args, rank)
+        log(f"{resume or args.pretrained}: top-1 {top1:.2f}%  top-5 {top5:.2f}%  "
+            f"({len(val_set)} images at {args.img_size} px)")
+        return {"top1": top1, "top5": top5}
+
+    if len(train_loader) == 0:
+        raise UserError(f"{len(train_set)} training images cannot fill one batch of "
+                        f"{args.batch_size} x {world} processes; lower --batch-size")
+    os.makedirs(args.output, exist_ok=True)
+    global_batch = args.batch_size * world
+    peak = args.lr * global_batch / 512  # linear scaling rule (Goyal et al.), as DeiT
+    optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=peak,
+                                  betas=tuple(args.betas), fused=device.type == "cuda")
+    steps = len(train_loader)
+    scheduler = lr_schedule(optimizer, peak, args.warmup_lr, args.min_lr,
+                            args.warmup_epochs * steps, args.epochs * steps)
+    scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
+    criterion = nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)  # takes soft targets
+    start_epoch, best = 0, 0.0
+    if ckpt is not None:
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        if scaler.is_enabled() and ckpt.get("scaler"):
+            scaler.load_state_dict(ckpt["scaler"])
+        start_epoch, best = ckpt["epoch"] + 1, ckpt["best_top1"]
+        if len(ckpt["rng"]) == world:  # last: nothing may draw random numbers after this
+            set_rng_state(ckpt["rng"][rank])
+        else:
+            log(f"note: checkpoint from {len(ckpt['rng'])} processes, now {world}: "
+                f"random streams start afresh")
+            torch.manual_seed(args.seed + rank + 1000 * start_epoch)
+        log(f"resumed from {resume} at epoch {start_epoch} (best top-1 {best:.2f}%)")
+    log(f"{n_params:,} parameters, {world} process(es) on {device.type}, global batch "
+        f"{global_batch}, peak lr {peak:.2e}, {steps} steps per epoch, amp {args.amp}")
+    if start_epoch >= args.epochs:
+        log(f"{resume} has finished all {args.epochs} epochs; nothing to train (raise --epochs "
+            f"or choose a new --output)")
+        return {"best_top1": best}
+
+    for epoch in range(start_epoch, args.epochs):
+        train_loader.sampler.set_epoch(epoch)  # a new shuffle per epoch, same on every process
+        t0 = time.time()
+        loss = train_one_epoch(train_model, train_loader, criterion, optimizer, scheduler,
+                               scaler, mix, device, args, epoch, rank)
+        train_time = time.time() - t0
+        top1, top5 = evaluate(eval_model, val_loader, device, args, rank)
+        best = max(best, top1)
+        record = {"epoch": epoch, "loss": loss, "lr": optimizer.param_groups[0]["lr"],
+                  "top1": top1, "top5": top5, "best_top1": best,
+                  "images_per_s": steps * global_batch / train_time,
+                  "time_s": time.time() - t0}
+        rng = gather_rng_states(world)  # collective: every process takes part
+        if rank == 0:
+            save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                         "scheduler": scheduler.state_dict(),
+                         "scaler": scaler.state_dict() if scaler.is_enabled() else None,
+                         "epoch": epoch, "best_top1": best, "rng": rng, "args": vars(args)},
+                        ckpt_path)
+            with open(os.path.join(args.output, "log.jsonl"), "a") as f:
+                f.write(json.dumps(record) + "\n")
+        log(f"epoch {epoch + 1:>3}/{args.epochs} | loss {loss:.4f} | lr {record['lr']:.2e} | "
+            f"top-1 {top1:6.2f}% top-5 {top5:6.2f}% | {record['images_per_s']:7.1f} img/s | "
+            f"{record['time_s']:6.1f} s")
+    log(f"best top-1 {best:.2f}%; checkpoint and log.jsonl in {args.output}")
+    if args.demo:
+        log("To train on ImageNet (folders train/ and val/, one sub-folder per class):\n"
+            "  torchrun --nproc_per_node 8 06_train_deit.py --data-path /path/to/imagenet\n"
+            "  (one GPU: python 06_train_deit.py --data-path /path/to/imagenet)")
+    return {"best_top1": best, "top1": top1, "top5": top5}
+
+
+def main(argv=None):
+    args = get_args(argv)
+    try:
+        return run(args)
+    except UserError as e:
+        # DataLoader workers re-raise with their traceback in the message: its last line is ours
+        sys.exit("error: " + str(e).strip().splitlines()[-1].split("UserError: ")[-1])
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
