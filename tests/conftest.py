@@ -10,3 +10,10 @@ if ROOT not in sys.path:
 
 def load(name):
     return importlib.import_module(name)
+
+
+def rand(*shape, seed=0, shift=0.0):
+    """A float64 standard normal tensor from its own seeded generator (plus `shift`)."""
+    import torch
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=g, dtype=torch.float64) + shift

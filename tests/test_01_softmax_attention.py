@@ -4,14 +4,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import load
+from conftest import load, rand
 
 sm = load("01_softmax_attention")
 
-
-def rand(*shape, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(*shape, generator=g, dtype=torch.float64)
 
 
 def naive_softmax_attention(q, k, v, scale):

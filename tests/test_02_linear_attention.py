@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from conftest import load
+from conftest import load, rand
 
 sm = load("01_softmax_attention")
 la = load("02_linear_attention")
@@ -15,10 +15,6 @@ PHI = {
     "exp": lambda x: torch.exp(x),
 }
 
-
-def rand(*shape, seed=0, shift=0.0):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(*shape, generator=g, dtype=torch.float64) + shift
 
 
 def qkv(kernel, B=2, H=3, N=17, d=6):

@@ -1,17 +1,13 @@
 import pytest
 import torch
 
-from conftest import load
+from conftest import load, rand
 
 la = load("02_linear_attention")
 inj = load("03_injectivity")
 
 KERNELS = ["identity", "relu", "leaky_relu", "elu", "exp"]
 
-
-def rand(*shape, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(*shape, generator=g, dtype=torch.float64)
 
 
 def explicit_inline_weights(q, k, phi, scale):

@@ -1,16 +1,12 @@
 import pytest
 import torch
 
-from conftest import load
+from conftest import load, rand
 
 sm = load("01_softmax_attention")
 inj = load("03_injectivity")
 loc = load("04_local_residual")
 
-
-def rand(*shape, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(*shape, generator=g, dtype=torch.float64)
 
 
 def test_grid_size():

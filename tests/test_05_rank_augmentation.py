@@ -4,16 +4,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import load
+from conftest import load, rand
 
 loc = load("04_local_residual")
 inj = load("03_injectivity")
 ra = load("05_rank_augmentation")
 
-
-def rand(*shape, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(*shape, generator=g, dtype=torch.float64)
 
 
 def elu1(x):  # ELU(x) + 1, written out
