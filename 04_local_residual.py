@@ -36,7 +36,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 softmax = importlib.import_module("01_softmax_attention")
-linear = importlib.import_module("02_linear_attention")
 injective = importlib.import_module("03_injectivity")
 
 

@@ -589,9 +589,9 @@ def bench(args, device, log):
             with torch.no_grad(), autocast(device, args.amp):
                 run(x)
         model.train()
-        t_train, m_train = softmax.measure(train_step, args.bench_steps)
+        t_train, m_train = softmax.measure(train_step, args.bench_steps, device)
         model.eval()
-        t_infer, m_infer = softmax.measure(infer, args.bench_steps)
+        t_infer, m_infer = softmax.measure(infer, args.bench_steps, device)
         speed[name] = (batch / t_train, batch / t_infer)
         log(f"{name:>10} {model.num_heads:>5} {sum(p.numel() for p in model.parameters()):>9,} |"
             f" {speed[name][0]:>11.1f} {softmax.fmt_mb(m_train):>8} |"
