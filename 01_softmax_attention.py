@@ -3,7 +3,7 @@
 Every token i of a sequence of N tokens asks a query q_i and every token j offers a key k_j and a
 value v_j (all d-dimensional, one set per head). Softmax attention mixes the values with weights
 
-    w_ij = exp(q_i . k_j * s) / sum_s' exp(q_i . k_s' * s),       s = d**-0.5
+    w_ij = exp(q_i . k_j * s) / sum_t exp(q_i . k_t * s),       s = d**-0.5
     out_i = sum_j w_ij v_j                                           (Vaswani et al., eq. 1)
 
 In matrix form, out = softmax(Q K^T * s) V. The N x N matrix softmax(Q K^T s) is the problem:

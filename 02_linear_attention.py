@@ -4,9 +4,9 @@ Softmax attention scores a query against a key with exp(q . k / sqrt(d)). Linear
 (Katharopoulos et al., 2020) replaces that score with a dot product of feature maps,
 sim(q, k) = phi(q) . phi(k), and normalises it the same way:
 
-    w_ij  = phi(q_i) . phi(k_j) / sum_s phi(q_i) . phi(k_s)
+    w_ij  = phi(q_i) . phi(k_j) / sum_t phi(q_i) . phi(k_t)
     out_i = sum_j w_ij v_j
-          = phi(q_i)^T (sum_j phi(k_j) v_j^T)  /  phi(q_i) . (sum_s phi(k_s))
+          = phi(q_i)^T (sum_j phi(k_j) v_j^T)  /  phi(q_i) . (sum_t phi(k_t))
 
 In matrix form, out = (phi(Q) phi(K)^T) V / (phi(Q) phi(K)^T 1). Matrix products associate, so
 (phi(Q) phi(K)^T) V = phi(Q) (phi(K)^T V): computing the right-hand bracket first costs N d^2
@@ -53,14 +53,14 @@ def linear_attention(q, k, v, kernel="relu", eps=1e-6):
     softmax.check_qkv(q, k, v)
     q, k = feature_map(q, kernel), feature_map(k, kernel)   # (B, H, N, d)
     kv = k.transpose(-2, -1) @ v                             # (B, H, d, d)  sum_j phi(k_j) v_j^T
-    k_sum = k.sum(dim=-2, keepdim=True)                      # (B, H, 1, d)  sum_s phi(k_s)
+    k_sum = k.sum(dim=-2, keepdim=True)                      # (B, H, 1, d)  sum_t phi(k_t)
     num = q @ kv                                             # (B, H, N, d)
-    den = q @ k_sum.transpose(-2, -1)                        # (B, H, N, 1)  phi(q_i) . sum phi(k_s)
+    den = q @ k_sum.transpose(-2, -1)                        # (B, H, N, 1)  phi(q_i) . sum phi(k_t)
     return num / (den + eps)
 
 
 def linear_attention_weights(q, k, kernel="relu", eps=1e-6):
-    """The N x N weights w_ij = phi(q_i).phi(k_j) / (sum_s phi(q_i).phi(k_s) + eps), for analysis."""
+    """The N x N weights w_ij = phi(q_i).phi(k_j) / (sum_t phi(q_i).phi(k_t) + eps), for analysis."""
     softmax.check_qkv(q, k)
     sim = feature_map(q, kernel) @ feature_map(k, kernel).transpose(-2, -1)  # (B, H, N, N)
     return sim / (sim.sum(dim=-1, keepdim=True) + eps)

@@ -8,7 +8,7 @@ mean different things attend identically ("semantic confusion", the paper's Fig.
 Softmax is injective: w_j(q) = exp(q.k_j s) / Z, so log w_j - log w_1 = s q.(k_j - k_1), and for
 keys that span the space this recovers q. Scaling q sharpens or flattens the distribution.
 
-Linear attention is not: w_j(q) = phi(q).phi(k_j) / sum_s phi(q).phi(k_s) is unchanged when
+Linear attention is not: w_j(q) = phi(q).phi(k_j) / sum_t phi(q).phi(k_t) is unchanged when
 phi(q) is multiplied by any c > 0. So
   - with phi = ReLU, q and c*q (c > 0) get the *same* weights, and so do any two queries that
     differ only in coordinates ReLU sets to 0;
@@ -17,15 +17,15 @@ phi(q) is multiplied by any c > 0. So
 
 InLine attention (the paper's eq. 5) drops the division and re-centres instead:
 
-    w_ij = s * (phi(q_i).phi(k_j) - mean_s phi(q_i).phi(k_s)) + 1/N
+    w_ij = s * (phi(q_i).phi(k_j) - mean_t phi(q_i).phi(k_t)) + 1/N
 
 The rows still sum to 1 (the bracket sums to 0 over j), but w(q) is now an affine function of
 phi(q), which is injective whenever the centred keys phi(k_j) - mean phi(k) span the space (for
 the identity kernel, N - 1 >= d generic keys). The weights can be negative. Since
-mean_s phi(q_i).phi(k_s) = phi(q_i) . mean_s phi(k_s), eq. 5 is linear attention on *centred* keys,
+mean_t phi(q_i).phi(k_t) = phi(q_i) . mean_t phi(k_t), eq. 5 is linear attention on *centred* keys,
 without the division, plus the uniform 1/N; the output is still linear in N:
 
-    out_i = s * phi(q_i)^T (sum_j (phi(k_j) - mean_s phi(k_s)) v_j^T) + mean_j v_j
+    out_i = s * phi(q_i)^T (sum_j (phi(k_j) - mean_t phi(k_t)) v_j^T) + mean_j v_j
 
 The module uses the identity kernel and s = head_dim**-0.5 / N, as the official code does (the
 1/N keeps the weights of order 1/N for any N). `InjectiveLinearAttention` is InLine without the
@@ -55,8 +55,8 @@ def inline_attention(q, k, v, kernel="identity", scale=1.0):
     """InLine attention in O(N d^2): out = s phi(Q) (phi(K) - mean phi(K))^T V + mean V."""
     softmax.check_qkv(q, k, v)
     q, k = linear.feature_map(q, kernel), linear.feature_map(k, kernel)  # (B, H, N, d)
-    # mean_s phi(q_i).phi(k_s) = phi(q_i) . mean_s phi(k_s), so eq. 5 is
-    #   w_ij = s phi(q_i) . (phi(k_j) - mean_s phi(k_s)) + 1/N:  linear attention on centred keys,
+    # mean_t phi(q_i).phi(k_t) = phi(q_i) . mean_t phi(k_t), so eq. 5 is
+    #   w_ij = s phi(q_i) . (phi(k_j) - mean_t phi(k_t)) + 1/N:  linear attention on centred keys,
     # with no division, plus the uniform 1/N. Centre the keys, then associate as in step 02:
     k = k - k.mean(dim=-2, keepdim=True)                  # (B, H, N, d)  phi(k_j) - mean phi(k)
     kv = k.transpose(-2, -1) @ v                          # (B, H, d, d)  the centred KV buffer
@@ -84,10 +84,15 @@ def weights_of(name, q, k):
     q, k = q[None, None], k[None, None]  # (1, 1, M, d), (1, 1, N, d)
     if name == "softmax":
         w = softmax.softmax_attention_weights(q, k)
-    elif name.startswith("linear-"):
-        w = linear.linear_attention_weights(q, k, kernel=name[7:], eps=0.0)
-    else:  # "inline-<kernel>", with the module's scale
-        w = inline_attention_weights(q, k, kernel=name[7:], scale=d ** -0.5 / n)
+    else:  # "linear-<kernel>" or "inline-<kernel>"
+        family, kernel = name.split("-", 1)
+        if family == "linear":
+            w = linear.linear_attention_weights(q, k, kernel=kernel, eps=0.0)
+        elif family == "inline":  # with the module's scale
+            w = inline_attention_weights(q, k, kernel=kernel, scale=d ** -0.5 / n)
+        else:
+            raise ValueError(f"unknown attention {name!r}: expected softmax, linear-<kernel> "
+                             f"or inline-<kernel>")
     return w[0, 0]
 
 

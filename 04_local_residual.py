@@ -129,12 +129,12 @@ def main(argv=None):
     n = side * side + 1  # with a class token
 
     print(f"Local attention mass (paper Fig. 4): the share of each patch query's attention that falls"
-          f"\nin its k x k neighbourhood, on {side}x{side} token maps + a class token (N = {n}), q = k ="
+          f"\nin its w x w neighbourhood, on {side}x{side} token maps + a class token (N = {n}), q = k ="
           f" tokens,\nd = {d}, mean over queries and {args.samples} maps. 'blur 4': neighbouring tokens"
           f" are alike, as in an\nimage (noise blurred 4 times); 'blur 0': plain noise, no spatial"
           f" structure. 'self': weight on the query's own token.")
     print(f"   {'attention':16s} {'blur':>4} | {'self':>5} | "
-          + " | ".join(f"{k}x{k} mass (x uniform)" for k in (3, 5, 7)))
+          + " | ".join(f"{win}x{win} mass (x uniform)" for win in (3, 5, 7)))
     for blur in (0, 4):
         for name in ["softmax", "linear-relu", "linear-elu", "inline-identity"]:
             masses, own = {3: 0.0, 5: 0.0, 7: 0.0}, 0.0
@@ -143,10 +143,10 @@ def main(argv=None):
                                  smooth_tokens(side, d, blur, g)])          # (N, d)
                 w = injective.weights_of(name, tok, tok)                    # (N, N)
                 own += float(w.diagonal()[1:].mean()) / args.samples
-                for k in masses:
-                    masses[k] += float(local_attention_mass(w, k).mean()) / args.samples
+                for win in masses:
+                    masses[win] += float(local_attention_mass(w, win).mean()) / args.samples
             print(f"   {name:16s} {blur:>4} | {own:>5.3f} | " + " | ".join(
-                f"{masses[k]:>8.3f} (x{masses[k] / (k * k / n):>5.1f}) " for k in masses))
+                f"{masses[win]:>8.3f} (x{masses[win] / (win * win / n):>5.1f}) " for win in masses))
     print(f"   uniform baseline k*k/N: 3x3 {9 / n:.3f}, 5x5 {25 / n:.3f}, 7x7 {49 / n:.3f}"
           f" (a little less at the border)."
           f"\n   Softmax's exp() turns 'my neighbours look like me' into most of the mass; the kernel"

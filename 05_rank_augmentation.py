@@ -52,7 +52,7 @@ import torch.nn.functional as F
 softmax = importlib.import_module("01_softmax_attention")
 linear = importlib.import_module("02_linear_attention")
 injective = importlib.import_module("03_injectivity")
-local = importlib.import_module("04_local_residual")
+locality = importlib.import_module("04_local_residual")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -126,7 +126,7 @@ class RALAttention(nn.Module):
         if x.dim() != 3 or x.shape[-1] != self.dim:
             raise ValueError(f"expected x of shape (B, N, {self.dim}), got {tuple(x.shape)}")
         B, N, C = x.shape
-        side, cls = local.grid_size(N)
+        side, cls = locality.grid_size(N)
         qkvo = self.qkvo(x).reshape(B, N, 4, self.num_heads, self.head_dim)
         q, k, v, _ = qkvo.permute(2, 0, 3, 1, 4).unbind(0)        # (B, H, N, d) each
         o = qkvo[:, :, 3].reshape(B, N, C)                         # (B, N, C) the gate
@@ -141,7 +141,7 @@ class RALAttention(nn.Module):
 # the final module
 
 
-class RankAugmentedInLineAttention(local.InLineAttention):
+class RankAugmentedInLineAttention(locality.InLineAttention):
     """InLine (injective weights + local residual) with RALA's re-weighted KV buffer and output
     gate. Flags: reweight (alpha on the keys), gate (output gate, a `gate` Linear), local (the
     3x3 local residual). reweight=False, gate=False is InLineAttention, parameter for parameter."""
@@ -177,7 +177,7 @@ ATTENTIONS = {  # every attention module of steps 01-05, by the names step 06 us
     "softmax": softmax.SoftmaxAttention,
     "linear": linear.LinearAttention,
     "injective": injective.InjectiveLinearAttention,
-    "inline": local.InLineAttention,
+    "inline": locality.InLineAttention,
     "rala": RALAttention,
     "final": RankAugmentedInLineAttention,
 }
@@ -229,7 +229,7 @@ def show_ranks(args):
 
     side = 14
     x = torch.cat([torch.randn(1, 192, generator=g, dtype=torch.float64),
-                   local.smooth_tokens(side, 192, 4, g)])[None]  # (1, 197, 192)
+                   locality.smooth_tokens(side, 192, 4, g)])[None]  # (1, 197, 192)
     print(f"\n3) The N x C output of each module (C = 192, 6 heads, freshly initialised, max rank"
           f" 192) on\n   a {side}x{side} token map + class token whose neighbours are alike")
     variants = [(k, cls, {}) for k, cls in ATTENTIONS.items()] + [

@@ -18,7 +18,7 @@ PHI = {
 
 
 def qkv(kernel, B=2, H=3, N=17, d=6):
-    # identity: shift q, k so that phi(q_i) . sum_s phi(k_s) stays well away from 0
+    # identity: shift q, k so that phi(q_i) . sum_t phi(k_t) stays well away from 0
     s = 1.0 if kernel == "identity" else 0.0
     return rand(B, H, N, d, seed=1, shift=s), rand(B, H, N, d, seed=2, shift=s), rand(B, H, N, d, seed=3)
 

@@ -11,7 +11,7 @@ KERNELS = ["identity", "relu", "leaky_relu", "elu", "exp"]
 
 
 def explicit_inline_weights(q, k, phi, scale):
-    """Eq. 5 element by element: w_ij = s (phi(q_i).phi(k_j) - mean_s phi(q_i).phi(k_s)) + 1/N."""
+    """Eq. 5 element by element: w_ij = s (phi(q_i).phi(k_j) - mean_t phi(q_i).phi(k_t)) + 1/N."""
     B, H, M, d = q.shape
     N = k.shape[-2]
     w = torch.empty(B, H, M, N, dtype=q.dtype)
