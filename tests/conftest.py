@@ -17,3 +17,13 @@ def rand(*shape, seed=0, shift=0.0):
     import torch
     g = torch.Generator().manual_seed(seed)
     return torch.randn(*shape, generator=g, dtype=torch.float64) + shift
+
+
+def assert_close(actual, expected, formula, atol, rtol=0.0):
+    """allclose, with a failure message that names the formula being checked and by how much
+    the code misses it, so a student who broke an equation sees which one."""
+    import torch
+    assert actual.shape == expected.shape, f"{formula}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    if not torch.allclose(actual, expected, atol=atol, rtol=rtol):
+        diff = float((actual - expected).abs().max())
+        raise AssertionError(f"{formula}\n  max |code - formula| = {diff:.3e} > atol {atol:g}")

@@ -4,9 +4,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import load, rand
+from conftest import assert_close, load, rand
 
 sm = load("01_softmax_attention")
+
+SOFTMAX = "softmax attention (step 01): out_i = sum_j softmax_j(q_i . k_j * scale) v_j"
 
 
 
@@ -28,10 +30,10 @@ def naive_softmax_attention(q, k, v, scale):
 def test_explicit_matches_naive_formula_float64():
     q, k, v = rand(2, 2, 7, 5, seed=1), rand(2, 2, 7, 5, seed=2), rand(2, 2, 7, 5, seed=3)
     ref = naive_softmax_attention(q, k, v, 5 ** -0.5)
-    assert torch.allclose(sm.softmax_attention(q, k, v), ref, atol=1e-12, rtol=0)
+    assert_close(sm.softmax_attention(q, k, v), ref, SOFTMAX + ", scale = d**-0.5", atol=1e-12)
     # a custom scale is honoured (the default d**-0.5 would give a different answer)
     ref2 = naive_softmax_attention(q, k, v, 0.3)
-    assert torch.allclose(sm.softmax_attention(q, k, v, scale=0.3), ref2, atol=1e-12, rtol=0)
+    assert_close(sm.softmax_attention(q, k, v, scale=0.3), ref2, SOFTMAX + ", scale = 0.3", atol=1e-12)
     assert not torch.allclose(ref, ref2)
 
 
@@ -45,8 +47,8 @@ def test_weights_are_a_distribution():
 
 def test_sdpa_equals_explicit():
     q, k, v = rand(2, 3, 50, 16, seed=6), rand(2, 3, 50, 16, seed=7), rand(2, 3, 50, 16, seed=8)
-    assert torch.allclose(F.scaled_dot_product_attention(q, k, v), sm.softmax_attention(q, k, v),
-                          atol=1e-12, rtol=0)
+    assert_close(F.scaled_dot_product_attention(q, k, v), sm.softmax_attention(q, k, v),
+                 "torch's SDPA vs the explicit " + SOFTMAX, atol=1e-12)
 
 
 def test_gradcheck():
@@ -65,7 +67,8 @@ def test_module_computes_the_formula():
     qkv = x @ m.qkv.weight.T + m.qkv.bias                      # (B, N, 144)
     q, k, v = (t.reshape(2, 10, 4, 12).transpose(1, 2) for t in qkv.split(48, dim=-1))
     ref = sm.softmax_attention(q, k, v).transpose(1, 2).reshape(2, 10, 48) @ m.proj.weight.T + m.proj.bias
-    assert torch.allclose(y, ref, atol=1e-12)
+    assert_close(y, ref, "SoftmaxAttention: proj(merge_heads(" + SOFTMAX + ")), q, k, v from qkv(x)",
+                 atol=1e-12)
 
 
 def test_module_without_qkv_bias():

@@ -1,12 +1,15 @@
 import pytest
 import torch
 
-from conftest import load, rand
+from conftest import assert_close, load, rand
 
 sm = load("01_softmax_attention")
 la = load("02_linear_attention")
 
-# The kernels written out independently of the code under test.
+# Every kernel of the registry is tested: a kernel a student adds to KERNELS runs through the
+# same tests. The kernels of the papers are also written out here, independently of the code.
+KERNELS = sorted(la.KERNELS)
+UNKNOWN = "no_such_kernel"
 PHI = {
     "identity": lambda x: x,
     "relu": lambda x: torch.where(x > 0, x, torch.zeros_like(x)),
@@ -14,33 +17,53 @@ PHI = {
     "elu": lambda x: torch.where(x > 0, x + 1, torch.exp(x)),  # ELU(x) + 1
     "exp": lambda x: torch.exp(x),
 }
+LINEAR = ("linear attention (step 02): w_ij = phi(q_i).phi(k_j) / (sum_t phi(q_i).phi(k_t) + eps),"
+          " out_i = sum_j w_ij v_j")
 
+
+def positive(kernel):
+    """Whether phi(x) >= 0 everywhere (tried on a spread of values): then the weights are >= 0."""
+    return bool((la.feature_map(torch.linspace(-30, 30, 601, dtype=torch.float64), kernel) >= 0).all())
 
 
 def qkv(kernel, B=2, H=3, N=17, d=6):
-    # identity: shift q, k so that phi(q_i) . sum_t phi(k_t) stays well away from 0
-    s = 1.0 if kernel == "identity" else 0.0
+    # a kernel that can be negative (identity, ...): shift q, k so that phi(q_i) . sum_t phi(k_t)
+    # stays well away from 0
+    s = 0.0 if positive(kernel) else 1.0
     return rand(B, H, N, d, seed=1, shift=s), rand(B, H, N, d, seed=2, shift=s), rand(B, H, N, d, seed=3)
 
 
-@pytest.mark.parametrize("kernel", sorted(PHI))
+def test_the_papers_kernels_are_registered():
+    assert set(PHI) <= set(la.KERNELS), f"missing kernels: {set(PHI) - set(la.KERNELS)}"
+    assert UNKNOWN not in la.KERNELS
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
 def test_feature_map(kernel):
     x = rand(4, 5, seed=9)
-    assert torch.allclose(la.feature_map(x, kernel), PHI[kernel](x), atol=1e-15)
+    y = la.feature_map(x, kernel)
+    assert y.shape == x.shape and y.dtype == x.dtype and torch.isfinite(y).all()
+    # elementwise: each entry depends on that entry only
+    assert torch.allclose(torch.stack([la.feature_map(e, kernel) for e in x.flatten()]).reshape(x.shape), y)
+    if kernel in PHI:  # one of the papers' kernels: its formula, written out
+        assert_close(y, PHI[kernel](x), f"kernel {kernel!r} (step 02's docstring)", atol=1e-15)
 
 
-@pytest.mark.parametrize("kernel", sorted(PHI))
+@pytest.mark.parametrize("kernel", KERNELS)
 def test_fast_equals_explicit_formula(kernel):
     q, k, v = qkv(kernel)
-    fq, fk = PHI[kernel](q), PHI[kernel](k)
+    fq, fk = la.feature_map(q, kernel), la.feature_map(k, kernel)  # checked by test_feature_map
     sim = torch.einsum("bhid,bhjd->bhij", fq, fk)
     w = sim / (sim.sum(-1, keepdim=True) + 1e-6)
-    assert torch.allclose(la.linear_attention_weights(q, k, kernel), w, atol=1e-12, rtol=0)
+    assert_close(la.linear_attention_weights(q, k, kernel), w, LINEAR + f", kernel {kernel!r}",
+                 atol=1e-12)
     out = torch.einsum("bhij,bhjd->bhid", w, v)
-    assert torch.allclose(la.linear_attention(q, k, v, kernel), out, atol=1e-10, rtol=0)
+    assert_close(la.linear_attention(q, k, v, kernel), out,
+                 "phi(Q) (phi(K)^T V) / (phi(Q) phi(K)^T 1) must equal " + LINEAR
+                 + f", kernel {kernel!r}", atol=1e-10)
 
 
-@pytest.mark.parametrize("kernel", ["relu", "elu", "exp"])
+@pytest.mark.parametrize("kernel", [k for k in KERNELS if positive(k)])
 def test_weights_sum_to_one_for_positive_kernels(kernel):
     q, k, _ = qkv(kernel)
     q = q.abs()  # a ReLU query with no positive entry scores 0 against every key (0 / 0)
@@ -54,7 +77,7 @@ def test_associativity():
     assert torch.allclose((A @ B) @ C, A @ (B @ C), atol=1e-10)
 
 
-@pytest.mark.parametrize("kernel", sorted(PHI))
+@pytest.mark.parametrize("kernel", KERNELS)
 def test_gradcheck(kernel):
     q, k, v = (t[:1, :1, :5, :3].clone().requires_grad_() for t in qkv(kernel))
     assert torch.autograd.gradcheck(lambda a, b, c: la.linear_attention(a, b, c, kernel), (q, k, v))
@@ -87,7 +110,7 @@ def test_module():
     assert y.shape == (2, 9, 24)
     q, k, v = m.split_heads(x)
     ref = m.proj(la.linear_attention(q, k, v, "elu").transpose(1, 2).reshape(2, 9, 24))
-    assert torch.allclose(y, ref, atol=1e-12)
+    assert_close(y, ref, "LinearAttention: proj(merge_heads(" + LINEAR + "))", atol=1e-12)
     # the kernel option matters
     m.kernel = "relu"
     assert not torch.allclose(m(x), y)
@@ -95,10 +118,10 @@ def test_module():
 
 def test_errors():
     q, k, v = qkv("relu")
-    with pytest.raises(ValueError, match="unknown kernel 'softplus'.*'elu'"):
-        la.linear_attention(q, k, v, kernel="softplus")
-    with pytest.raises(ValueError, match="unknown kernel 'tanh'"):
-        la.LinearAttention(24, num_heads=4, kernel="tanh")
+    with pytest.raises(ValueError, match=f"unknown kernel '{UNKNOWN}'.*'elu'"):
+        la.linear_attention(q, k, v, kernel=UNKNOWN)
+    with pytest.raises(ValueError, match=f"unknown kernel '{UNKNOWN}'"):
+        la.LinearAttention(24, num_heads=4, kernel=UNKNOWN)
     with pytest.raises(ValueError, match="dim=24 is not divisible by num_heads=5"):
         la.LinearAttention(24, num_heads=5)
     with pytest.raises(ValueError, match="attn_drop"):

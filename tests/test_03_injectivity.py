@@ -1,12 +1,13 @@
 import pytest
 import torch
 
-from conftest import load, rand
+from conftest import assert_close, load, rand
 
 la = load("02_linear_attention")
 inj = load("03_injectivity")
 
-KERNELS = ["identity", "relu", "leaky_relu", "elu", "exp"]
+KERNELS = sorted(la.KERNELS)  # every registered kernel, a student's new one included
+EQ5 = "eq. 5 of InLine: w_ij = s (phi(q_i).phi(k_j) - mean_t phi(q_i).phi(k_t)) + 1/N"
 
 
 
@@ -30,20 +31,24 @@ def test_weights_match_eq5(kernel):
     q, k = rand(2, 2, 6, 4, seed=1), rand(2, 2, 6, 4, seed=2)
     phi = lambda x: la.feature_map(x, kernel)  # noqa: E731  (the kernels are checked in test_02)
     ref = explicit_inline_weights(q, k, phi, 0.37)
-    assert torch.allclose(inj.inline_attention_weights(q, k, kernel, scale=0.37), ref, atol=1e-13)
+    assert_close(inj.inline_attention_weights(q, k, kernel, scale=0.37), ref,
+                 EQ5 + f", kernel {kernel!r}", atol=1e-13)
 
 
 @pytest.mark.parametrize("kernel", KERNELS)
 def test_fast_equals_n_by_n_form(kernel):
     q, k, v = rand(2, 3, 40, 8, seed=3), rand(2, 3, 40, 8, seed=4), rand(2, 3, 40, 8, seed=5)
     w = inj.inline_attention_weights(q, k, kernel, scale=0.05)
-    assert torch.allclose(inj.inline_attention(q, k, v, kernel, scale=0.05), w @ v, atol=1e-10, rtol=0)
+    assert_close(inj.inline_attention(q, k, v, kernel, scale=0.05), w @ v,
+                 "InLine's linear form s phi(Q) (phi(K) - mean phi(K))^T V + mean V must equal "
+                 + EQ5 + f" times V, kernel {kernel!r}", atol=1e-10)
 
 
 @pytest.mark.parametrize("kernel", KERNELS)
 def test_rows_sum_to_one(kernel):
     w = inj.inline_attention_weights(rand(1, 2, 30, 8, seed=6), rand(1, 2, 30, 8, seed=7), kernel, scale=0.3)
-    assert torch.allclose(w.sum(-1), torch.ones(1, 2, 30, dtype=torch.float64), atol=1e-12)
+    assert_close(w.sum(-1), torch.ones(1, 2, 30, dtype=torch.float64),
+                 "the rows of " + EQ5 + " sum to 1", atol=1e-12)
 
 
 def test_weights_can_be_negative():
@@ -88,14 +93,15 @@ def test_module_formula_and_scale():
     q, k, v = m.split_heads(x)
     w = inj.inline_attention_weights(q, k, scale=8 ** -0.5 / 17)   # head_dim**-0.5 / N
     ref = m.proj((w @ v).transpose(1, 2).reshape(2, 17, 48))
-    assert torch.allclose(m(x), ref, atol=1e-12)
+    assert_close(m(x), ref, "InjectiveLinearAttention: proj(merge_heads(" + EQ5
+                 + " times V)), s = head_dim**-0.5 / N", atol=1e-12)
     assert inj.InjectiveLinearAttention(48, num_heads=6, kernel="relu").kernel == "relu"
 
 
 def test_errors():
     with pytest.raises(ValueError, match="dim=10 is not divisible by num_heads=4"):
         inj.InjectiveLinearAttention(10, num_heads=4)
-    with pytest.raises(ValueError, match="unknown kernel 'gelu'"):
-        inj.InjectiveLinearAttention(16, num_heads=4, kernel="gelu")
+    with pytest.raises(ValueError, match="unknown kernel 'no_such_kernel'"):
+        inj.InjectiveLinearAttention(16, num_heads=4, kernel="no_such_kernel")
     with pytest.raises(ValueError, match=r"v .* must have the B, H, N of k"):
         inj.inline_attention(rand(1, 1, 5, 3), rand(1, 1, 5, 3), rand(1, 1, 4, 3))

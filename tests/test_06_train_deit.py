@@ -71,7 +71,8 @@ def test_inline_deit_tiny_is_the_official_count():
 
 
 def test_attentions_registry_and_every_parameter_learns():
-    assert list(deit.ATTENTIONS) == ["softmax", "linear", "injective", "inline", "rala", "final"]
+    # the course's six; an attention a student adds to ATTENTIONS is tested below as well
+    assert {"softmax", "linear", "injective", "inline", "rala", "final"} <= set(deit.ATTENTIONS)
     x = torch.randn(3, 3, 16, 16)
     for name in deit.ATTENTIONS:
         model = small_vit(name)
