@@ -23,8 +23,8 @@ memory grow with N for both (on CPU, torch's SDPA is a fused "flash" kernel that
 the N x N matrix, so its memory is linear; its time is still quadratic).
 """
 import argparse
-import ctypes
-import re
+import contextlib
+import os
 import sys
 import time
 
@@ -124,29 +124,26 @@ class SoftmaxAttention(nn.Module):
 # measuring time and peak memory (used by the demos and every --bench)
 
 
-def _rss(key):
-    """Resident memory of this process in bytes: key 'VmRSS' (now) or 'VmHWM' (peak)."""
-    with open("/proc/self/status") as f:
-        return int(re.search(key + r":\s+(\d+) kB", f.read()).group(1)) * 1024
-
-
-def _cpu_peak_setup():
-    # glibc keeps freed blocks under its "mmap threshold" for reuse, which hides later growth;
-    # a fixed 64 KiB threshold sends every large tensor straight back to the OS when freed.
+@contextlib.contextmanager
+def _quiet_stderr():
+    """Silence file descriptor 2 for a moment (the profiler's C++ side logs there), then restore it."""
+    sys.stderr.flush()
+    saved = os.dup(2)
     try:
-        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 16)  # M_MMAP_THRESHOLD
-        return True
-    except (OSError, AttributeError):
-        return False
-
-
-CPU_PEAK_OK = sys.platform.startswith("linux") and _cpu_peak_setup()
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 def peak_memory(fn, device="cpu"):
-    """Extra memory (bytes) that fn() needs at its peak. On CUDA: torch's allocator statistics.
-    On Linux CPU: the rise of the process's peak resident set (VmHWM, reset by writing 5 to
-    /proc/self/clear_refs) above its size before the call. None where neither is available."""
+    """Extra memory (bytes) that torch allocates for fn() at its peak, above what was allocated
+    before the call. On CUDA: the allocator's statistics. On CPU: torch.profiler's record of every
+    allocation and free (profile_memory=True), summed in time order. Nothing process-wide is set:
+    the profiler is on during this one call only, and timing is never taken from this call.
+    None where the profiler gives no memory records."""
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -154,37 +151,52 @@ def peak_memory(fn, device="cpu"):
         fn()
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated() - base
-    if not CPU_PEAK_OK:
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    with _quiet_stderr(), torch.profiler.profile(activities=activities, profile_memory=True) as prof:
         fn()
-        return None
     try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        fn()
+        events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    except AttributeError:  # a torch whose profiler keeps no raw events
         return None
-    base = _rss("VmRSS")
-    fn()
-    return _rss("VmHWM") - base
+    now = peak = 0
+    for e in sorted(events, key=lambda e: e.start_ns()):  # + bytes allocated, - bytes freed
+        now += e.nbytes()
+        peak = max(peak, now)
+    return peak
+
+
+def timings(fns, repeat=3, device="cpu"):
+    """{name: [seconds of each of `repeat` calls]} of the closures in the dict `fns`, interleaved:
+    round r calls every fn once, so a change in the machine's load hits all of them alike.
+    Call each fn once before (warm-up) and leave that call out."""
+    cuda = torch.device(device).type == "cuda"
+    out = {name: [] for name in fns}
+    for _ in range(repeat):
+        for name, fn in fns.items():
+            if cuda:
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            fn()
+            if cuda:
+                torch.cuda.synchronize()
+            out[name].append(time.perf_counter() - t0)
+    return out
+
+
+def spread(times):
+    """(median, min, max) of a list of timings."""
+    times = sorted(times)
+    return times[len(times) // 2], times[0], times[-1]
 
 
 def measure(fn, repeat=3, device="cpu"):
     """(median seconds, peak extra bytes) of fn() running on `device`. The first call measures
-    the peak memory and warms up; `repeat` timed calls follow (one when a call takes over 1 s)."""
-    cuda = torch.device(device).type == "cuda"
-    t0 = time.perf_counter()
+    the peak memory (and warms up); a second, timed call decides how many more to time: `repeat`
+    in all, or just that one when a call takes over 1 s."""
     peak = peak_memory(fn, device)
-    repeat = 1 if time.perf_counter() - t0 > 1.0 else repeat
-    times = []
-    for _ in range(repeat):
-        if cuda:
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        if cuda:
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    return sorted(times)[len(times) // 2], peak
+    first = timings({"fn": fn}, 1, device)["fn"]
+    more = timings({"fn": fn}, repeat - 1, device)["fn"] if first[0] <= 1.0 else []
+    return spread(first + more)[0], peak
 
 
 def fwd_bwd(fn, *inputs):
