@@ -108,6 +108,16 @@ class SoftmaxAttention(nn.Module):
         p = self.attn_drop if self.training else 0.0
         return F.scaled_dot_product_attention(q, k, v, dropout_p=p, scale=self.scale)
 
+    def attention_weights(self, x):
+        """(B, N, C) -> (B, H, N, N): the weights the core applies to the values (no dropout)."""
+        q, k, _ = self.split_heads(x)
+        return softmax_attention_weights(q, k, self.scale)
+
+    def kv_buffer(self, x):
+        """What the core keeps of keys and values to serve any query: for softmax, all of the
+        (B, H, N, N) weights (the linear kinds keep a (B, H, d, d) buffer instead)."""
+        return self.attention_weights(x)
+
     @staticmethod
     def merge_heads(out):
         """(B, H, N, d) -> (B, N, H*d): the heads side by side again."""

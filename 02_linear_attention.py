@@ -48,11 +48,16 @@ def feature_map(x, kernel):
     return KERNELS[kernel](x)
 
 
+def kv_buffer(k, v):
+    """The KV buffer sum_j k_j v_j^T of (already feature-mapped) keys: (B, H, N, d) -> (B, H, d, d)."""
+    return k.transpose(-2, -1) @ v
+
+
 def linear_attention(q, k, v, kernel="relu", eps=1e-6):
     """phi(Q) (phi(K)^T V) / (phi(Q) phi(K)^T 1): O(N d^2), no N x N matrix. (B,H,N,d) -> same."""
     softmax.check_qkv(q, k, v)
     q, k = feature_map(q, kernel), feature_map(k, kernel)   # (B, H, N, d)
-    kv = k.transpose(-2, -1) @ v                             # (B, H, d, d)  sum_j phi(k_j) v_j^T
+    kv = kv_buffer(k, v)                                     # (B, H, d, d)  sum_j phi(k_j) v_j^T
     k_sum = k.sum(dim=-2, keepdim=True)                      # (B, H, 1, d)  sum_t phi(k_t)
     num = q @ kv                                             # (B, H, N, d)
     den = q @ k_sum.transpose(-2, -1)                        # (B, H, N, 1)  phi(q_i) . sum phi(k_t)
@@ -80,6 +85,16 @@ class LinearAttention(softmax.SoftmaxAttention):
 
     def attend(self, q, k, v):
         return linear_attention(q, k, v, self.kernel)
+
+    def attention_weights(self, x):
+        """(B, N, C) -> (B, H, N, N): the weights attend() applies to the values."""
+        q, k, _ = self.split_heads(x)
+        return linear_attention_weights(q, k, self.kernel)
+
+    def kv_buffer(self, x):
+        """(B, N, C) -> (B, H, d, d): phi(K)^T V, all the core keeps of the keys and values."""
+        _, k, v = self.split_heads(x)
+        return kv_buffer(feature_map(k, self.kernel), v)
 
 
 def main(argv=None):

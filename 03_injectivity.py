@@ -51,6 +51,11 @@ def inline_attention_weights(q, k, kernel="identity", scale=1.0):
     return scale * (sim - sim.mean(dim=-1, keepdim=True)) + 1.0 / n  # (B, H, N, N)
 
 
+def centred_kv_buffer(k, v):
+    """(phi(K) - mean phi(K))^T V for feature-mapped keys: (B, H, N, d) -> (B, H, d, d)."""
+    return linear.kv_buffer(k - k.mean(dim=-2, keepdim=True), v)  # sum_j (k_j - mean k) v_j^T
+
+
 def inline_attention(q, k, v, kernel="identity", scale=1.0):
     """InLine attention in O(N d^2): out = s phi(Q) (phi(K) - mean phi(K))^T V + mean V."""
     softmax.check_qkv(q, k, v)
@@ -58,8 +63,7 @@ def inline_attention(q, k, v, kernel="identity", scale=1.0):
     # mean_t phi(q_i).phi(k_t) = phi(q_i) . mean_t phi(k_t), so eq. 5 is
     #   w_ij = s phi(q_i) . (phi(k_j) - mean_t phi(k_t)) + 1/N:  linear attention on centred keys,
     # with no division, plus the uniform 1/N. Centre the keys, then associate as in step 02:
-    k = k - k.mean(dim=-2, keepdim=True)                  # (B, H, N, d)  phi(k_j) - mean phi(k)
-    kv = k.transpose(-2, -1) @ v                          # (B, H, d, d)  the centred KV buffer
+    kv = centred_kv_buffer(k, v)                          # (B, H, d, d)  sum_j (phi(k_j) - mean phi(k)) v_j^T
     return q @ (scale * kv) + v.mean(dim=-2, keepdim=True)  # (B, H, N, d)  + (1/N) sum_j v_j
 
 
@@ -72,6 +76,16 @@ class InjectiveLinearAttention(linear.LinearAttention):
 
     def attend(self, q, k, v):
         return inline_attention(q, k, v, self.kernel, scale=self.scale / q.shape[-2])
+
+    def attention_weights(self, x):
+        """(B, N, C) -> (B, H, N, N): eq. 5's weights, those attend() applies to the values."""
+        q, k, _ = self.split_heads(x)
+        return inline_attention_weights(q, k, self.kernel, scale=self.scale / q.shape[-2])
+
+    def kv_buffer(self, x):
+        """(B, N, C) -> (B, H, d, d): the centred buffer (phi(K) - mean phi(K))^T V."""
+        _, k, v = self.split_heads(x)
+        return centred_kv_buffer(linear.feature_map(k, self.kernel), v)
 
 
 # ----------------------------------------------------------------------------------------------

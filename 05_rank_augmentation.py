@@ -86,13 +86,18 @@ def rala_token_weights(q, k, scale=None):
     return k.shape[-2] * logits.softmax(dim=-1)[..., 0, :]      # (B, H, N), sums to N
 
 
+def reweighted_keys(q, k, scale=None):
+    """alpha_j k_j for already feature-mapped q, k: (B, H, N, d) -> (B, H, N, d)."""
+    return k * rala_token_weights(q, k, scale)[..., None]
+
+
 def rala_attention(q, k, v, scale=None, eps=1e-6):
     """RALA in O(N d^2): phi = ELU+1, keys re-weighted by alpha. (B, H, N, d) -> (B, H, N, d)."""
     softmax.check_qkv(q, k, v)
     q, k = linear.feature_map(q, "elu"), linear.feature_map(k, "elu")  # (B, H, N, d)
     n = k.shape[-2]
-    k = k * rala_token_weights(q, k, scale)[..., None]   # (B, H, N, d)  alpha_j phi(k_j)
-    kv = k.transpose(-2, -1) @ v / n                     # (B, H, d, d)  the re-weighted KV buffer / N
+    k = reweighted_keys(q, k, scale)                     # (B, H, N, d)  alpha_j phi(k_j)
+    kv = linear.kv_buffer(k, v) / n                      # (B, H, d, d)  the re-weighted KV buffer / N
     z = q @ k.mean(dim=-2, keepdim=True).transpose(-2, -1) + eps  # (B, H, N, 1)
     return (q @ kv) / z
 
@@ -101,7 +106,7 @@ def rala_attention_weights(q, k, scale=None, eps=1e-6):
     """The N x N form of rala_attention, for analysis. (B, H, N, d) -> (B, H, N, N)."""
     softmax.check_qkv(q, k)
     q, k = linear.feature_map(q, "elu"), linear.feature_map(k, "elu")
-    k = k * rala_token_weights(q, k, scale)[..., None]
+    k = reweighted_keys(q, k, scale)                     # (B, H, N, d)  alpha_j phi(k_j)
     sim = q @ k.transpose(-2, -1) / k.shape[-2]          # (B, H, N, N)
     return sim / (sim.sum(dim=-1, keepdim=True) + eps)
 
@@ -122,19 +127,43 @@ class RALAttention(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
 
-    def forward(self, x):
+    def project(self, x):
+        """(B, N, C) -> q, k, v and the gate o, each (B, H, N, d)."""
         if x.dim() != 3 or x.shape[-1] != self.dim:
             raise ValueError(f"expected x of shape (B, N, {self.dim}), got {tuple(x.shape)}")
         B, N, C = x.shape
+        qkvo = self.qkvo(x).reshape(B, N, 4, self.num_heads, self.head_dim)  # (B, N, 4, H, d)
+        return qkvo.permute(2, 0, 3, 1, 4).unbind(0)                         # 4 x (B, H, N, d)
+
+    def split_heads(self, x):
+        """(B, N, C) -> q, k, v, each (B, H, N, d)."""
+        return self.project(x)[:3]
+
+    def attend(self, q, k, v):
+        """The attention core: (B, H, N, d) -> (B, H, N, d)."""
+        return rala_attention(q, k, v, self.scale)
+
+    def attention_weights(self, x):
+        """(B, N, C) -> (B, H, N, N): the alpha-re-weighted weights attend() applies (no lepe, gate)."""
+        q, k, _ = self.split_heads(x)
+        return rala_attention_weights(q, k, self.scale)
+
+    def kv_buffer(self, x):
+        """(B, N, C) -> (B, H, d, d): sum_j alpha_j phi(k_j) v_j^T, the re-weighted KV buffer."""
+        q, k, v = self.split_heads(x)
+        q, k = linear.feature_map(q, "elu"), linear.feature_map(k, "elu")
+        return linear.kv_buffer(reweighted_keys(q, k, self.scale), v)
+
+    def forward(self, x):
+        q, k, v, o = self.project(x)                              # (B, H, N, d) each
+        B, N, C = x.shape
         side, cls = locality.grid_size(N)
-        qkvo = self.qkvo(x).reshape(B, N, 4, self.num_heads, self.head_dim)
-        q, k, v, _ = qkvo.permute(2, 0, 3, 1, 4).unbind(0)        # (B, H, N, d) each
-        o = qkvo[:, :, 3].reshape(B, N, C)                         # (B, N, C) the gate
-        out = softmax.SoftmaxAttention.merge_heads(rala_attention(q, k, v, self.scale))  # (B, N, C)
-        v_map = qkvo[:, cls:, 2].reshape(B, side, side, C).permute(0, 3, 1, 2)  # (B, C, H, W)
+        merge = softmax.SoftmaxAttention.merge_heads
+        out = merge(self.attend(q, k, v))                         # (B, N, C)
+        v_map = merge(v)[:, cls:].reshape(B, side, side, C).permute(0, 3, 1, 2)  # (B, C, H, W)
         lepe = self.lepe(v_map).flatten(2).transpose(1, 2)        # (B, H*W, C)
         out = out + F.pad(lepe, (0, 0, cls, 0))                   # class token: no lepe
-        return self.proj_drop(self.proj(out * o))
+        return self.proj_drop(self.proj(out * merge(o)))          # gate o: (B, N, C)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -154,14 +183,25 @@ class RankAugmentedInLineAttention(locality.InLineAttention):
         if not local:
             self.residual = None
 
-    def attend(self, q, k, v):
-        if not self.reweight:
-            return super().attend(q, k, v)
+    def mapped(self, q, k):
+        """(phi(q), alpha_j phi(k_j)) (alpha only with reweight): the keys eq. 5 then sees."""
         q, k = linear.feature_map(q, self.kernel), linear.feature_map(k, self.kernel)
-        alpha = rala_token_weights(q, k, self.scale)          # (B, H, N), sums to N
+        return q, (reweighted_keys(q, k, self.scale) if self.reweight else k)  # (B, H, N, d)
+
+    def attend(self, q, k, v):
         # eq. 5 on (phi(q), alpha * phi(k)); the kernel is already applied, so "identity"
-        return injective.inline_attention(q, k * alpha[..., None], v, "identity",
-                                          scale=self.scale / q.shape[-2])
+        q, k = self.mapped(q, k)
+        return injective.inline_attention(q, k, v, "identity", scale=self.scale / q.shape[-2])
+
+    def attention_weights(self, x):
+        """(B, N, C) -> (B, H, N, N): eq. 5's weights on re-weighted keys (no residual, no gate)."""
+        q, k = self.mapped(*self.split_heads(x)[:2])
+        return injective.inline_attention_weights(q, k, "identity", scale=self.scale / q.shape[-2])
+
+    def kv_buffer(self, x):
+        """(B, N, C) -> (B, H, d, d): the centred buffer (alpha phi(K) - mean alpha phi(K))^T V."""
+        q, k, v = self.split_heads(x)
+        return injective.centred_kv_buffer(self.mapped(q, k)[1], v)
 
     def forward(self, x):
         q, k, v = self.split_heads(x)                         # (B, H, N, d)

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import load, rand
+from conftest import assert_close, load, rand
 
 loc = load("04_local_residual")
 inj = load("03_injectivity")
@@ -205,3 +205,79 @@ def test_errors(cls):
         cls(12, num_heads=3)(torch.randn(1, 18, 12))
     with pytest.raises(ValueError, match="attn_drop"):
         cls(12, num_heads=3, attn_drop=0.1)
+
+
+# ----------------------------------------------------------------------------------------------
+# the modules' common interface: split_heads, attention_weights, kv_buffer (every ATTENTIONS entry)
+
+
+def make(name, dim=24, heads=3):
+    torch.manual_seed(0)
+    return ra.ATTENTIONS[name](dim, num_heads=heads).double()
+
+
+@pytest.mark.parametrize("name", list(ra.ATTENTIONS))
+def test_split_heads_gives_the_projected_q_k_v_before_any_kernel(name):
+    m, x = make(name), rand(2, 17, 24, seed=30)
+    q, k, v = m.split_heads(x)
+    assert q.shape == k.shape == v.shape == (2, 3, 17, 8)
+    lin = m.qkv if hasattr(m, "qkv") else m.qkvo
+    merged = torch.cat([t.transpose(1, 2).reshape(2, 17, 24) for t in (q, k, v)], dim=-1)
+    assert torch.allclose(merged, lin(x)[..., :72], atol=1e-13), \
+        f"{name}: split_heads must give the heads of the q, k, v projections, before phi"
+
+
+@pytest.mark.parametrize("name", list(ra.ATTENTIONS))
+def test_attention_weights_are_what_the_core_applies_to_the_values(name):
+    m, x = make(name), rand(2, 17, 24, seed=31)
+    q, k, v = m.split_heads(x)
+    w = m.attention_weights(x)
+    assert w.shape == (2, 3, 17, 17)
+    assert_close(w @ v, m.attend(q, k, v), f"{name}: out_i = sum_j w_ij v_j, with w from "
+                 f"attention_weights(x) and out from the module's core attend(q, k, v)", atol=1e-12)
+    assert_close(w.sum(-1), torch.ones(2, 3, 17, dtype=torch.float64),
+                 f"{name}: every row of attention weights sums to 1", atol=1e-5)
+
+
+@pytest.mark.parametrize("name", list(ra.ATTENTIONS))
+def test_kv_buffer_shape(name):
+    m, x = make(name), rand(2, 17, 24, seed=32)
+    kv = m.kv_buffer(x)
+    assert kv.shape in {(2, 3, 8, 8), (2, 3, 17, 17)}, f"{name}: kv_buffer is (B, H, d, d) or (B, H, N, N)"
+
+
+def explicit_kv(name, m, x):
+    """sum_j key_j v_j^T written out per head, with each module's key: phi(k_j) (linear),
+    phi(k_j) - mean phi(k) (InLine), alpha_j phi(k_j) (RALA), alpha_j k_j - mean alpha k (final)."""
+    q, k, v = m.split_heads(x)
+    B, H, N, d = q.shape
+    out = torch.zeros(B, H, d, d, dtype=torch.float64)
+    for b in range(B):
+        for h in range(H):
+            fq, fk = q[b, h], k[b, h]
+            if name == "linear":
+                keys = torch.relu(fk)
+            elif name in ("injective", "inline"):
+                keys = fk - fk.mean(dim=0)
+            elif name == "rala":
+                fq, fk = elu1(fq), elu1(fk)
+                keys = explicit_alpha(fq, fk, m.scale)[:, None] * fk
+            else:  # final
+                keys = explicit_alpha(fq, fk, m.scale)[:, None] * fk
+                keys = keys - keys.mean(dim=0)
+            for j in range(N):
+                out[b, h] += torch.outer(keys[j], v[b, h, j])
+    return out
+
+
+@pytest.mark.parametrize("name", ["linear", "injective", "inline", "rala", "final"])
+def test_kv_buffer_matches_its_formula(name):
+    m, x = make(name), rand(2, 17, 24, seed=33)
+    assert_close(m.kv_buffer(x), explicit_kv(name, m, x).detach(),
+                 f"{name}: KV buffer = sum_j key_j v_j^T ({explicit_kv.__doc__.split(':')[1].strip()})",
+                 atol=1e-12)
+
+
+def test_softmax_kv_buffer_is_its_weights():
+    m, x = make("softmax"), rand(2, 17, 24, seed=34)
+    assert torch.equal(m.kv_buffer(x), m.attention_weights(x))
