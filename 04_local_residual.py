@@ -13,14 +13,14 @@ phi(q_i).phi(k_j) grows only linearly with the similarity, so far-away tokens ke
 InLine restores local modeling by adding a *local attention residual* to its (global, injective)
 attention output. For patch token i at grid position p(i), per channel c:
 
-    out_i[c] = InLine_i[c] + sum_{o in 3x3} r[c, o] * v_{p(i)+o}[c]      (paper Sec. 5.2, eq. 6)
+    out_i[c] = InLine_i[c] + sum_{o in w x w} r[c, o] * v_{p(i)+o}[c]    (paper Sec. 5.2, eq. 6)
 
-a depthwise 3x3 convolution over the value map, whose kernel r is *predicted per sample* from the
-mean token: r = residual(mean_i x_i), with
-    residual = Sequential(Conv1d(C, C, 1, groups=heads), GELU(), Conv1d(C, 9C, 1, groups=heads)).
+a depthwise w x w convolution over the value map (window w = 3 in the paper and the official
+code), whose kernel r is *predicted per sample* from the mean token: r = residual(mean_i x_i), with
+    residual = Sequential(Conv1d(C, C, 1, groups=heads), GELU(), Conv1d(C, w*w*C, 1, groups=heads)).
 The class token (if any) is left out of the convolution and gets no residual. This is the official
-InLine module (same parameter names: `qkv`, `proj`, `residual.0`, `residual.2`); with 6 heads,
-InLine-DeiT-T has 6,477,736 parameters.
+InLine module (same parameter names: `qkv`, `proj`, `residual.0`, `residual.2`); with 6 heads and
+window=3, InLine-DeiT-T has 6,477,736 parameters.
 
 The module reads the grid from N: N = H*W, or N = 1 + H*W with a class token first, H = W.
 
@@ -73,26 +73,31 @@ def local_attention_mass(weights, window=3):
 
 
 class InLineAttention(injective.InjectiveLinearAttention):
-    """InLine attention: injective linear attention (step 03) + the local attention residual."""
+    """InLine attention: injective linear attention (step 03) + the local attention residual, a
+    per-sample predicted window x window depthwise convolution of the values (window=3: official)."""
 
     def __init__(self, dim, num_heads=8, qkv_bias=True, attn_drop=0.0, proj_drop=0.0,
-                 kernel="identity"):
+                 kernel="identity", window=3):
         super().__init__(dim, num_heads, qkv_bias, attn_drop, proj_drop, kernel=kernel)
+        if window < 1 or window % 2 == 0:
+            raise ValueError(f"window={window}: expected a positive odd size (3 is the official)")
+        self.window = window
         self.residual = nn.Sequential(
             nn.Conv1d(dim, dim, kernel_size=1, groups=num_heads),
             nn.GELU(),
-            nn.Conv1d(dim, 9 * dim, kernel_size=1, groups=num_heads),
+            nn.Conv1d(dim, window * window * dim, kernel_size=1, groups=num_heads),
         )
 
     def local_residual(self, x, v):
         """sum_o r[c, o] v_{p+o}[c] for each patch token; x: (B, N, C), v: (B, H, N, d) -> (B, N, C)."""
         B, N, C = x.shape
         side, cls = grid_size(N)
-        r = self.residual(x.mean(dim=1)[:, :, None])          # (B, 9C, 1)  kernels from the mean token
-        r = r.reshape(B * C, 1, 3, 3)                         # one 3x3 kernel per sample and channel
+        w = self.window
+        r = self.residual(x.mean(dim=1)[:, :, None])          # (B, w*w*C, 1)  kernels from the mean token
+        r = r.reshape(B * C, 1, w, w)                         # one w x w kernel per sample and channel
         v_map = self.merge_heads(v)[:, cls:]                  # (B, H*W, C)  patch values, heads side by side
         v_map = v_map.transpose(1, 2).reshape(1, B * C, side, side)  # (1, B*C, H, W)
-        out = F.conv2d(v_map, r, padding=1, groups=B * C)     # (1, B*C, H, W)  depthwise, per sample
+        out = F.conv2d(v_map, r, padding=w // 2, groups=B * C)  # (1, B*C, H, W)  depthwise, per sample
         out = out.reshape(B, C, side * side).transpose(1, 2)  # (B, H*W, C)
         return F.pad(out, (0, 0, cls, 0))                     # (B, N, C), zero for the class token
 

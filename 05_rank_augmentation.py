@@ -173,11 +173,12 @@ class RALAttention(nn.Module):
 class RankAugmentedInLineAttention(locality.InLineAttention):
     """InLine (injective weights + local residual) with RALA's re-weighted KV buffer and output
     gate. Flags: reweight (alpha on the keys), gate (output gate, a `gate` Linear), local (the
-    3x3 local residual). reweight=False, gate=False is InLineAttention, parameter for parameter."""
+    window x window local residual, window=3 as InLine). reweight=False, gate=False is InLineAttention, parameter for parameter."""
 
     def __init__(self, dim, num_heads=8, qkv_bias=True, attn_drop=0.0, proj_drop=0.0,
-                 kernel="identity", reweight=True, gate=True, local=True):
-        super().__init__(dim, num_heads, qkv_bias, attn_drop, proj_drop, kernel=kernel)
+                 kernel="identity", reweight=True, gate=True, local=True, window=3):
+        super().__init__(dim, num_heads, qkv_bias, attn_drop, proj_drop, kernel=kernel,
+                         window=window)
         self.reweight = reweight
         self.gate = nn.Linear(dim, dim) if gate else None
         if not local:

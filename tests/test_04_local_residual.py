@@ -49,30 +49,32 @@ def test_local_mass_errors():
 
 
 def explicit_local_residual(m, x, v):
-    """The residual written out: out[b, 1+p, c] = sum_{dr,dc} kernel[b, c, dr, dc] * vmap[b, c, r+dr, c+dc]."""
+    """The residual written out (window w = m.window): out[b, 1+p, c] =
+    sum_{|dr|,|dc| <= w//2} kernel[b, c, dr, dc] * vmap[b, c, r+dr, c+dc]."""
     B, N, C = x.shape
     side, cls = loc.grid_size(N)
+    w = m.window
     mean = x.mean(dim=1)                                           # (B, C)
     hidden = torch.nn.functional.gelu(m.residual[0](mean[:, :, None]))
-    kernel = m.residual[2](hidden)[:, :, 0].reshape(B, C, 3, 3)    # channel c: outputs 9c .. 9c+8
+    kernel = m.residual[2](hidden)[:, :, 0].reshape(B, C, w, w)    # channel c: outputs w*w*c ..
     vals = v.transpose(1, 2).reshape(B, N, C)[:, cls:].reshape(B, side, side, C)
     out = torch.zeros(B, N, C, dtype=x.dtype)
     for b in range(B):
         for r in range(side):
             for c in range(side):
                 acc = torch.zeros(C, dtype=x.dtype)
-                for dr in (-1, 0, 1):
-                    for dc in (-1, 0, 1):
+                for dr in range(-(w // 2), w // 2 + 1):
+                    for dc in range(-(w // 2), w // 2 + 1):
                         if 0 <= r + dr < side and 0 <= c + dc < side:
-                            acc += kernel[b, :, dr + 1, dc + 1] * vals[b, r + dr, c + dc]
+                            acc += kernel[b, :, dr + w // 2, dc + w // 2] * vals[b, r + dr, c + dc]
                 out[b, cls + r * side + c] = acc
     return out
 
 
-@pytest.mark.parametrize("n", [16, 17])  # without and with a class token
-def test_inline_module_matches_explicit_formula(n):
+@pytest.mark.parametrize("n, window", [(16, None), (17, None), (17, 5)])  # None: the default
+def test_inline_module_matches_explicit_formula(n, window):
     torch.manual_seed(0)
-    m = loc.InLineAttention(24, num_heads=3).double()
+    m = loc.InLineAttention(24, num_heads=3, **({} if window is None else {"window": window})).double()
     x = rand(2, n, 24, seed=n)
     q, k, v = m.split_heads(x)
     w = inj.inline_attention_weights(q, k, scale=8 ** -0.5 / n)     # eq. 5, s = head_dim^-0.5 / N
@@ -95,6 +97,8 @@ def test_zeroed_residual_reduces_to_injective_linear_attention():
 
 def test_parameter_names_and_inline_deit_t_count():
     m = loc.InLineAttention(192, num_heads=6)
+    assert m.window == 3, (f"the official InLine-DeiT-T shapes and 6,477,736 parameters are for "
+                           f"window=3; this module's default is window={m.window}")
     shapes = {k: tuple(v.shape) for k, v in m.state_dict().items()}
     assert shapes == {
         "qkv.weight": (576, 192), "qkv.bias": (576,), "proj.weight": (192, 192), "proj.bias": (192,),
@@ -118,6 +122,8 @@ def test_module_errors():
         m(torch.randn(1, 15, 12))
     with pytest.raises(ValueError, match="dim=12 is not divisible by num_heads=5"):
         loc.InLineAttention(12, num_heads=5)
+    with pytest.raises(ValueError, match="window=4: expected a positive odd size"):
+        loc.InLineAttention(12, num_heads=3, window=4)
 
 
 def official_arrangement(m, x):
@@ -131,9 +137,10 @@ def official_arrangement(m, x):
     kv = (k.transpose(-2, -1) * (s / n) ** 0.5) @ (v * (s / n) ** 0.5)
     out = q @ kv + (1 - q @ k.mean(dim=2, keepdim=True).transpose(-2, -1) * s) * v.mean(dim=2, keepdim=True)
     out = out.transpose(1, 2).reshape(b, n, c)
-    kern = m.residual(x.mean(dim=1)[:, :, None]).reshape(b * c, 1, 3, 3)
+    w = m.window  # 3 in the official code
+    kern = m.residual(x.mean(dim=1)[:, :, None]).reshape(b * c, 1, w, w)
     vmap = v[:, :, 1:].transpose(1, 2).reshape(b, side, side, c).permute(0, 3, 1, 2).reshape(1, b * c, side, side)
-    res = torch.nn.functional.conv2d(vmap, kern, padding=1, groups=b * c).reshape(b, c, n - 1).permute(0, 2, 1)
+    res = torch.nn.functional.conv2d(vmap, kern, padding=w // 2, groups=b * c).reshape(b, c, n - 1).permute(0, 2, 1)
     out = torch.cat([out[:, :1], out[:, 1:] + res], dim=1)
     return m.proj(out)
 
