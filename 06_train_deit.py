@@ -533,6 +533,15 @@ def param_groups(model, weight_decay):
             {"params": no_decay, "weight_decay": 0.0}]
 
 
+def scaled_lrs(args, global_batch):
+    """(peak, warm-up, minimum lr): the linear scaling rule (Goyal et al.), lr x global batch / 512.
+    InLine's main.py scales all three; DeiT's main.py the peak only (--scale-lr)."""
+    scale = global_batch / 512
+    if args.scale_lr == "all":
+        return args.lr * scale, args.warmup_lr * scale, args.min_lr * scale
+    return args.lr * scale, args.warmup_lr, args.min_lr
+
+
 def lr_schedule(optimizer, peak, warmup_lr, min_lr, warmup_steps, total_steps):
     """Per step: linear warm-up warmup_lr -> peak, then cosine peak -> min_lr at total_steps."""
     def factor(step):  # LambdaLR multiplies the peak lr by this
@@ -947,10 +956,7 @@ def run(args):
                         f"{args.batch_size} x {world} processes; lower --batch-size")
     os.makedirs(args.output, exist_ok=True)
     global_batch = args.batch_size * world
-    scale = global_batch / 512           # linear scaling rule (Goyal et al.), as InLine and DeiT
-    peak = args.lr * scale
-    warmup_lr, min_lr = ((args.warmup_lr * scale, args.min_lr * scale) if args.scale_lr == "all"
-                         else (args.warmup_lr, args.min_lr))  # InLine scales all three
+    peak, warmup_lr, min_lr = scaled_lrs(args, global_batch)
     optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=peak,
                                   betas=tuple(args.betas), fused=device.type == "cuda")
     steps = len(train_loader)
