@@ -330,42 +330,174 @@ def load_rgb(path):
         raise UserError(f"cannot read image {path}: {e}") from None
 
 
-def imagenet_data(args):
-    """(train set, val set, classes, batch mixer) from an ImageFolder tree, with DeiT's
-    augmentation. torchvision is needed on this path only."""
-    from torchvision.datasets import ImageFolder
+def train_transform(args):
+    """The official augmentation, built by timm as both official codebases build it (InLine's
+    data/build.py build_transform, DeiT's datasets.py): RandomResizedCrop (bicubic), flip,
+    RandAugment 'rand-m9-mstd0.5-inc1' (2 ops, each with probability 0.5, magnitude 9 of 10 with
+    N(0, 0.5) jitter, the 'increasing' variants), normalise, RandomErasing per pixel. Colour jitter
+    0.4 is passed too, as both do; timm skips it when RandAugment is on. Images of 32 px or less
+    (CIFAR) get RandomCrop(padding 4) instead of the resized crop, as InLine's build_transform."""
+    from timm.data import create_transform
     from torchvision.transforms import v2
+    tf = create_transform(args.img_size, is_training=True, color_jitter=0.4,
+                          auto_augment=args.auto_augment if args.auto_augment != "none" else None,
+                          re_prob=args.random_erasing, re_mode="pixel", re_count=1,
+                          interpolation="bicubic", mean=MEAN, std=STD)
+    if args.img_size <= 32:
+        tf.transforms[0] = v2.RandomCrop(args.img_size, padding=4)
+    return tf
+
+
+def eval_transform(args, native_size):
+    """Resize to img-size / eval-crop-ratio (256 for 224), bicubic, then centre-crop img-size.
+    --eval-resize square: to a 256 x 256 square (InLine's build_transform); shorter: the shorter
+    side to 256, keeping the aspect ratio (timm / DeiT). Images already at img-size (CIFAR at
+    32 px) are only normalised, as InLine's build_transform does for 32 px."""
+    from torchvision.transforms import v2
+    to_tensor = [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(MEAN, STD)]
+    if native_size == args.img_size:
+        return v2.Compose(to_tensor)
+    size = int(args.img_size / args.eval_crop_ratio)  # 256 for 224
+    size = (size, size) if args.eval_resize == "square" else size
+    return v2.Compose([v2.Resize(size, interpolation=v2.InterpolationMode.BICUBIC),
+                       v2.CenterCrop(args.img_size), *to_tensor])
+
+
+def batch_mixer(args, num_classes):
+    """timm's Mixup, as both official codebases: per batch, MixUp (alpha 0.8) or, with probability
+    --mix-switch, CutMix (alpha 1.0). It returns soft targets; label smoothing stays in the loss
+    (CrossEntropyLoss(label_smoothing) of a mixed one-hot equals timm's smoothed mixed target)."""
+    if args.mixup <= 0 and args.cutmix <= 0:
+        return None
+    from timm.data import Mixup
+    return Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, prob=1.0,
+                 switch_prob=args.mix_switch, mode="batch", label_smoothing=0.0,
+                 num_classes=num_classes)
+
+
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # ImageNet's; both use it for all data
+
+
+def imagenet_data(args):
+    """(train set, val set, classes, batch mixer) from an ImageFolder tree, with the official
+    augmentation. torchvision and timm are needed on this path only."""
+    from torchvision.datasets import ImageFolder
     check_layout(args.data_path)
-    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-    to_tensor = [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
-    train_tf = v2.Compose([
-        v2.RandomResizedCrop(args.img_size, interpolation=v2.InterpolationMode.BICUBIC),
-        v2.RandomHorizontalFlip(),
-        v2.RandAugment(magnitude=args.randaug_magnitude,
-                       interpolation=v2.InterpolationMode.BILINEAR, fill=[124, 116, 104]),
-        *to_tensor,
-        v2.RandomErasing(p=args.random_erasing, value="random"),  # on normalised pixels, as timm
-    ])
-    eval_tf = v2.Compose([
-        v2.Resize(int(args.img_size / args.eval_crop_ratio),  # 256 for 224
-                  interpolation=v2.InterpolationMode.BICUBIC),
-        v2.CenterCrop(args.img_size), *to_tensor])
     try:
-        train = ImageFolder(os.path.join(args.data_path, "train"), train_tf, loader=load_rgb)
-        val = ImageFolder(os.path.join(args.data_path, "val"), eval_tf, loader=load_rgb)
+        train = ImageFolder(os.path.join(args.data_path, "train"), train_transform(args),
+                            loader=load_rgb)
+        val = ImageFolder(os.path.join(args.data_path, "val"), eval_transform(args, None),
+                          loader=load_rgb)
     except FileNotFoundError as e:  # a class folder without any image file
         raise UserError(f"{e}; {LAYOUT}") from None
-    # MixUp / CutMix act on whole batches (on the device): one of the two for each batch,
-    # CutMix with probability --mix-switch. Their soft targets go straight into the loss.
-    n, mixers, probs = len(train.classes), [], []
-    if args.mixup > 0:
-        mixers.append(v2.MixUp(alpha=args.mixup, num_classes=n))
-        probs.append(1 - args.mix_switch)
-    if args.cutmix > 0:
-        mixers.append(v2.CutMix(alpha=args.cutmix, num_classes=n))
-        probs.append(args.mix_switch)
-    mix = v2.RandomChoice(mixers, p=probs if len(mixers) == 2 else [1.0]) if mixers else None
-    return train, val, train.classes, mix
+    return train, val, train.classes, batch_mixer(args, len(train.classes))
+
+
+# CIFAR's own on-disk format (https://www.cs.toronto.edu/~kriz/cifar.html): pickled dicts with
+# 'data' (n, 3072) uint8 rows (1024 red, 1024 green, 1024 blue values, row-major 32 x 32).
+CIFAR = {"cifar10": dict(folder="cifar-10-batches-py", labels="labels", meta="batches.meta",
+                         names="label_names", test=["test_batch"],
+                         train=[f"data_batch_{i}" for i in range(1, 6)]),
+         "cifar100": dict(folder="cifar-100-python", labels="fine_labels", meta="meta",
+                          names="fine_label_names", test=["test"], train=["train"])}
+
+
+class ArrayImages(Dataset):
+    """uint8 images (n, H, W, 3) in memory, served through a PIL transform."""
+
+    def __init__(self, images, labels, transform):
+        self.images, self.labels, self.transform = images, labels, transform
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        from PIL import Image
+        return self.transform(Image.fromarray(self.images[i])), int(self.labels[i])
+
+
+def read_cifar(name, root):
+    """(train images, train labels, test images, test labels, class names) from CIFAR's folder."""
+    import pickle
+    spec, out = CIFAR[name], {}
+    folder = os.path.join(root, spec["folder"])
+
+    def load(file):
+        path = os.path.join(folder, file)
+        try:
+            with open(path, "rb") as f:
+                return pickle.load(f, encoding="latin1")
+        except Exception as e:
+            raise UserError(f"cannot read {path} ({type(e).__name__}: {e}): the CIFAR files are "
+                            f"corrupt or incomplete; delete {folder} to download them again") \
+                from None
+    for split in ("train", "test"):
+        parts = [load(f) for f in spec[split]]
+        try:
+            x = np.concatenate([np.asarray(p["data"], dtype=np.uint8) for p in parts])
+            y = np.concatenate([np.asarray(p[spec["labels"]], dtype=np.int64) for p in parts])
+            x = x.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)          # (n, 32, 32, 3)
+        except (KeyError, TypeError, ValueError) as e:
+            raise UserError(f"{folder} is not in CIFAR's format ({type(e).__name__}: {e}); "
+                            f"delete it to download it again") from None
+        if len(x) != len(y):
+            raise UserError(f"{folder}: {len(x)} {split} images but {len(y)} labels; "
+                            f"delete it to download it again")
+        out[split] = x, y
+    names = load(spec["meta"]).get(spec["names"])
+    return (*out["train"], *out["test"], list(names))
+
+
+def download_cifar(name, root):
+    """torchvision's download (progress bar, md5 check, extraction) into root."""
+    from torchvision import datasets
+    cls = {"cifar10": datasets.CIFAR10, "cifar100": datasets.CIFAR100}[name]
+    print(f"downloading {name} ({cls.url}) into {root} ...")
+    try:
+        cls(root, train=True, download=True)
+    except Exception as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"could not download {name} from {cls.url} into {root}: {reason}. "
+                        f"Check the network, or download and unpack {cls.filename} into {root} "
+                        f"by hand") from None
+
+
+def cifar_data(args):
+    """(train set, test set, classes, batch mixer) for --data cifar10 / cifar100: downloaded into
+    --data-path on first use, then read from CIFAR's own files; the 10,000 test images are val."""
+    root = args.data_path
+    if not os.path.isdir(os.path.join(root, CIFAR[args.data]["folder"])):
+        os.makedirs(root, exist_ok=True)
+        download_cifar(args.data, root)
+    x, y, xt, yt, classes = read_cifar(args.data, root)
+    train = ArrayImages(x, y, train_transform(args))
+    val = ArrayImages(xt, yt, eval_transform(args, 32))
+    return train, val, classes, batch_mixer(args, len(classes))
+
+
+class RepeatedAugSampler(torch.utils.data.Sampler):
+    """DeiT's repeated augmentation (its samplers.py RASampler): each epoch every image is taken
+    `repeats` times, the copies spread over the processes (each copy gets its own random
+    augmentation), and each process keeps len // 256 * 256 / world indices, so an epoch has as
+    many steps as without it."""
+
+    def __init__(self, dataset, num_replicas, rank, repeats=3, seed=0):
+        self.n, self.world, self.rank, self.repeats = len(dataset), num_replicas, rank, repeats
+        self.seed, self.epoch = seed, 0
+        self.per_rank = math.ceil(self.n * repeats / num_replicas)
+        self.keep = (self.n // 256 * 256 if self.n >= 256 else self.n) // num_replicas
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def __len__(self):
+        return self.keep
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed + self.epoch)
+        idx = torch.randperm(self.n, generator=g).repeat_interleave(self.repeats).tolist()
+        idx += idx[:self.per_rank * self.world - len(idx)]              # pad to a multiple of world
+        return iter(idx[self.rank::self.world][:self.keep])
 
 
 def make_loaders(train_set, val_set, args, rank, world, device):
@@ -373,8 +505,11 @@ def make_loaders(train_set, val_set, args, rank, world, device):
     seed and epoch) and of the validation set (no padding, so the all-reduced counts are exact).
     Workers are not persistent: a fresh iterator per epoch draws its worker seeds from the
     torch RNG, which the checkpoint restores, so a resumed run sees the same augmentations."""
-    sampler = DistributedSampler(train_set, num_replicas=world, rank=rank, shuffle=True,
-                                 seed=args.seed, drop_last=True)
+    if args.repeated_aug > 1:  # DeiT's recipe
+        sampler = RepeatedAugSampler(train_set, world, rank, args.repeated_aug, seed=args.seed)
+    else:
+        sampler = DistributedSampler(train_set, num_replicas=world, rank=rank, shuffle=True,
+                                     seed=args.seed, drop_last=True)
     common = dict(batch_size=args.batch_size, num_workers=args.workers,
                   pin_memory=device.type == "cuda")
     train = DataLoader(train_set, sampler=sampler, drop_last=True, **common)
@@ -396,6 +531,15 @@ def param_groups(model, weight_decay):
         (no_decay if skip else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay},
             {"params": no_decay, "weight_decay": 0.0}]
+
+
+def scaled_lrs(args, global_batch):
+    """(peak, warm-up, minimum lr): the linear scaling rule (Goyal et al.), lr x global batch / 512.
+    InLine's main.py scales all three; DeiT's main.py the peak only (--scale-lr)."""
+    scale = global_batch / 512
+    if args.scale_lr == "all":
+        return args.lr * scale, args.warmup_lr * scale, args.min_lr * scale
+    return args.lr * scale, args.warmup_lr, args.min_lr
 
 
 def lr_schedule(optimizer, peak, warmup_lr, min_lr, warmup_steps, total_steps):
@@ -438,6 +582,12 @@ def all_reduce_sum(t):
     return t
 
 
+def all_reduce_max(t):
+    if dist.is_initialized():
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t
+
+
 def prepare(model, device, world, compile=False):
     """(model to train, model to evaluate): compiled if asked, DDP-wrapped when world > 1.
     Evaluation skips DDP: shards can differ in length, and no gradients need averaging."""
@@ -459,11 +609,27 @@ def autocast(device, amp):
 # one epoch of training, one evaluation
 
 
+def stop_if_not_finite(first_bad, epoch):
+    """Look at the device-side record of the first non-finite loss (one host sync; collective, so
+    every process stops together) and stop before anything is saved."""
+    first_bad = all_reduce_max(first_bad.clone())                       # (2,): step, loss
+    if first_bad[0].item() >= 0:
+        step, value = int(first_bad[0].item()), first_bad[1].item()
+        raise UserError(f"loss is {value} at epoch {epoch}, step {step}: training stopped "
+                        f"before the epoch's checkpoint; the last good checkpoint is kept. "
+                        f"Try a lower --lr, or --amp none")
+
+
 def train_one_epoch(model, loader, criterion, optimizer, scheduler, scaler, mix, device, args,
                     epoch=0, rank=0):
-    """Train on every batch of `loader`; returns the mean loss over all processes' images."""
+    """Train on every batch of `loader`; returns the mean loss over all processes' images.
+    No step waits for the GPU: the loss sum and the first non-finite loss are kept on the device
+    and looked at every --check-every steps and at the end (a NaN then stops the run before the
+    epoch's checkpoint is written)."""
     model.train()
-    total = torch.zeros(2, device=device)                               # sum of losses, images
+    loss_sum, images_seen = torch.zeros((), device=device), 0
+    first_bad = torch.tensor([-1.0, 0.0], device=device)                # step, loss (-1: none)
+    every = getattr(args, "check_every", 50)
     # progress bars on rank 0 only, and only on a terminal (None: tqdm checks for a TTY)
     bar = tqdm(loader, desc=f"epoch {epoch}", disable=(rank != 0) or None, leave=False,
                dynamic_ncols=True)
@@ -474,12 +640,10 @@ def train_one_epoch(model, loader, criterion, optimizer, scheduler, scaler, mix,
             images, targets = mix(images, targets)                      # soft targets (B, K)
         with autocast(device, args.amp):
             loss = criterion(model(images), targets)                    # label-smoothed CE
-        # a NaN / inf loss on any process stops all of them before the weights are touched
-        bad = all_reduce_sum((~torch.isfinite(loss.detach())).float())
-        if bad.item():
-            raise UserError(f"loss is {loss.item()} at epoch {epoch}, step {step}: training "
-                            f"stopped before the update; the last good checkpoint is kept. "
-                            f"Try a lower --lr, or --amp none")
+        loss_d = loss.detach().float()
+        new_bad = ~torch.isfinite(loss_d) & (first_bad[0] < 0)          # the first one only
+        first_bad = torch.where(new_bad, torch.stack([torch.full_like(loss_d, step), loss_d]),
+                                first_bad)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()                                   # DDP all-reduces here
         if args.clip_grad > 0:
@@ -488,10 +652,14 @@ def train_one_epoch(model, loader, criterion, optimizer, scheduler, scaler, mix,
         scaler.step(optimizer)
         scaler.update()
         scheduler.step()                                                # lr is set per step
-        total += torch.stack([loss.detach().float() * len(images),
-                              torch.tensor(float(len(images)), device=device)])
-        bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
-    total = all_reduce_sum(total)
+        loss_sum += loss_d * len(images)
+        images_seen += len(images)
+        if (step + 1) % every == 0:                                     # one sync per k steps
+            stop_if_not_finite(first_bad, epoch)
+            bar.set_postfix(loss=f"{loss_sum.item() / images_seen:.3f}",
+                            lr=f"{optimizer.param_groups[0]['lr']:.2e}")
+    stop_if_not_finite(first_bad, epoch)
+    total = all_reduce_sum(torch.stack([loss_sum, loss_sum.new_tensor(float(images_seen))]))
     return (total[0] / total[1]).item()
 
 
@@ -499,16 +667,16 @@ def train_one_epoch(model, loader, criterion, optimizer, scheduler, scaler, mix,
 def evaluate(model, loader, device, args, rank=0):
     """Top-1 and top-5 accuracy (%) over the whole validation set (all processes)."""
     model.eval()
-    stats = torch.zeros(3, device=device)                               # top-1, top-5, images
+    hits_sum, seen = torch.zeros(2, device=device), 0                   # top-1, top-5 hits
     for images, targets in tqdm(loader, desc="eval", disable=(rank != 0) or None, leave=False):
         images, targets = images.to(device, non_blocking=True), targets.to(device)
         with autocast(device, args.amp):
             logits = model(images)                                      # (B, K)
         top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices      # (B, 5)
         hits = top5 == targets[:, None]                                 # (B, 5)
-        stats += torch.stack([hits[:, 0].sum(), hits.any(1).sum(),
-                              torch.tensor(len(targets), device=device)]).float()
-    stats = all_reduce_sum(stats)
+        hits_sum += torch.stack([hits[:, 0].sum(), hits.any(1).sum()]).float()
+        seen += len(targets)
+    stats = all_reduce_sum(torch.cat([hits_sum, hits_sum.new_tensor([float(seen)])]))
     return (100 * stats[0] / stats[2]).item(), (100 * stats[1] / stats[2]).item()
 
 
@@ -613,6 +781,31 @@ def bench(args, device, log):
 DEMO = dict(img_size=32, patch_size=8, embed_dim=96, depth=4, epochs=5, warmup_epochs=1,
             batch_size=64, lr=8e-3, warmup_lr=1e-5, min_lr=1e-5, drop_path=0.0, workers=0)
 
+# The two ImageNet recipes (--recipe), each value as the official code has it; flags given on the
+# command line win. Sources, file by file, are in README's recipe table. Both: 300 epochs, AdamW
+# (0.9, 0.999) with weight decay 0.05, label smoothing 0.1, drop-path 0.1, RandAugment
+# rand-m9-mstd0.5-inc1, RandomErasing 0.25, MixUp 0.8 / CutMix 1.0, eval crop 224 of 256.
+RECIPES = {
+    # LeapLabTHU/InLine (built on Swin-Transformer's code): config.py defaults, the DeiT-T cfg
+    # (512 images per GPU, 8 GPUs), main.py scales base, warm-up and minimum lr by batch / 512
+    "inline": dict(batch_size=512, lr=5e-4, warmup_epochs=20, warmup_lr=5e-7, min_lr=5e-6,
+                   scale_lr="all", clip_grad=5.0, repeated_aug=0, eval_resize="square"),
+    # facebookresearch/deit main.py defaults (DeiT-T: 4 GPUs x 256 in its README); only the
+    # base lr is scaled; repeated augmentation x3; no gradient clipping
+    "deit": dict(batch_size=256, lr=5e-4, warmup_epochs=5, warmup_lr=1e-6, min_lr=1e-5,
+                 scale_lr="peak", clip_grad=0.0, repeated_aug=3, eval_resize="shorter"),
+}
+
+# --data cifar10 / cifar100: DeiT-T's width and depth at 32 px with 4 px patches (8 x 8 = 64
+# tokens + the class token), InLine's augmentation (RandomCrop with padding 4 instead of the
+# resized crop, as its build_transform does at 32 px) and a shorter schedule; lr 5e-4 at batch 128.
+CIFAR_RECIPE = dict(img_size=32, patch_size=4, epochs=200, warmup_epochs=10, batch_size=128,
+                    lr=2e-3, warmup_lr=1e-6, min_lr=1e-5, scale_lr="peak", repeated_aug=0)
+
+# per --data: settings over the recipe's (the demo keeps absolute warm-up / minimum lr)
+DATASETS = {"demo": {"scale_lr": "peak", "repeated_aug": 0, **DEMO}, "imagenet": {},
+            "cifar10": CIFAR_RECIPE, "cifar100": CIFAR_RECIPE}
+
 
 def get_args(argv=None):
     p = argparse.ArgumentParser(
@@ -620,7 +813,13 @@ def get_args(argv=None):
                     "With no --data-path it trains a small ViT on a synthetic task (CPU demo).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     a = p.add_argument
-    a("--data-path", help="ImageNet-style folder with train/ and val/ (one sub-folder per class)")
+    a("--data", choices=list(DATASETS), help="demo: synthetic shapes (the default without "
+      "--data-path); imagenet: folders train/ and val/ at --data-path (the default with it); "
+      "cifar10 / cifar100: downloaded into --data-path (default ./data) on first use")
+    a("--data-path", help="ImageNet-style folder with train/ and val/ (one sub-folder per class)"
+      ", or where CIFAR is (or goes)")
+    a("--recipe", choices=list(RECIPES), default="inline", help="ImageNet recipe: InLine's "
+      "DeiT-T or DeiT's own; sets batch, lr, warm-up, clipping, repeated aug, eval resize")
     a("--output", help="checkpoint.pth and log.jsonl go here (default runs/<data>-<attn>)")
     a("--workers", type=int, default=8, help="data loading processes per GPU / process")
     a("--demo-train", type=int, default=10000, help="demo: synthetic training images")
@@ -637,39 +836,56 @@ def get_args(argv=None):
       "...}, strict; pos_embed resized to --img-size); a resumed run ignores it")
     # recipe
     a("--epochs", type=int, default=300)
-    a("--warmup-epochs", type=int, default=20)
-    a("--warmup-lr", type=float, default=5e-7)
-    a("--min-lr", type=float, default=5e-6)
-    a("--batch-size", type=int, default=128, help="per process; global = this x processes")
-    a("--lr", type=float, default=5e-4, help="peak lr per 512 images (scaled by global batch)")
+    a("--warmup-epochs", type=int)
+    a("--warmup-lr", type=float, help="per 512 images if --scale-lr all")
+    a("--min-lr", type=float, help="per 512 images if --scale-lr all")
+    a("--batch-size", type=int, help="per process; global = this x processes")
+    a("--lr", type=float, help="peak lr per 512 images (scaled by global batch)")
+    a("--scale-lr", choices=["all", "peak"], help="scale warm-up and minimum lr by global "
+      "batch / 512 as well (InLine), or the peak lr only (DeiT)")
     a("--betas", type=float, nargs=2, default=[0.9, 0.999])
     a("--weight-decay", type=float, default=0.05)
-    a("--clip-grad", type=float, default=5.0, help="max gradient norm (0: no clipping)")
+    a("--clip-grad", type=float, help="max gradient norm (0: no clipping)")
     a("--label-smoothing", type=float, default=0.1)
-    a("--randaug-magnitude", type=int, default=9)
+    a("--auto-augment", default="rand-m9-mstd0.5-inc1", help="timm's RandAugment spec ('none': "
+      "off)")
+    a("--repeated-aug", type=int, help="each image this many times per epoch, spread over the "
+      "processes (DeiT: 3; 0: off)")
     a("--random-erasing", type=float, default=0.25, help="probability per image")
     a("--mixup", type=float, default=0.8, help="MixUp alpha (0: off)")
     a("--cutmix", type=float, default=1.0, help="CutMix alpha (0: off)")
     a("--mix-switch", type=float, default=0.5, help="probability of CutMix instead of MixUp")
     a("--eval-crop-ratio", type=float, default=0.875, help="resize to img-size / this, crop")
+    a("--eval-resize", choices=["square", "shorter"], help="resize to a square (InLine) or the "
+      "shorter side (timm / DeiT) before the centre crop")
     a("--seed", type=int, default=0)
     # hardware and modes
     a("--device", choices=["cuda", "cpu"], help="default: cuda if available")
     a("--amp", choices=["bf16", "fp16", "none"], help="autocast dtype (default: bf16 on cuda)")
     a("--compile", action="store_true", help="torch.compile the model")
+    a("--check-every", type=int, default=50, help="look at the loss for NaN / inf every this many "
+      "steps (and at each epoch's end); in between no step waits for the GPU")
     a("--resume", metavar="PATH", help="continue from this checkpoint (default: OUTPUT/"
       "checkpoint.pth if it exists)")
     a("--eval-only", action="store_true", help="top-1 / top-5 of --pretrained or --resume")
     a("--bench", action="store_true", help="images/s of --attn and softmax at --img-size")
     a("--bench-batch", type=int, help="default 128 on cuda, 8 on cpu")
     a("--bench-steps", type=int, default=5, help="timed steps (median)")
+    p.set_defaults(**RECIPES["inline"])  # so that --help shows the default recipe
     args = p.parse_args(argv)
-    if args.data_path is None and not args.bench:
-        p.set_defaults(**DEMO)
-        args = p.parse_args(argv)
-    args.demo = args.data_path is None and not args.bench
+    data = args.data or ("demo" if args.data_path is None else "imagenet")
+    if data == "demo" and args.data_path is not None:
+        p.error("--data demo makes its own images; leave out --data-path")
+    if data == "imagenet" and args.data_path is None and not args.bench:
+        p.error(f"--data imagenet needs --data-path; {LAYOUT}")
+    p.set_defaults(**{**RECIPES[args.recipe], **({} if args.bench else DATASETS[data])})
+    args = p.parse_args(argv)  # flags given on the command line win over both dicts
+    args.data = data
+    if data.startswith("cifar") and args.data_path is None:
+        args.data_path = "data"
+    args.demo = data == "demo" and not args.bench
     if args.output is None:
-        args.output = os.path.join("runs", f"{'demo' if args.demo else 'imagenet'}-{args.attn}")
+        args.output = os.path.join("runs", f"{data}-{args.attn}")
     return args
 
 
@@ -702,8 +918,10 @@ def run(args):
             f"channels, patch {args.patch_size}, attention '{args.attn}') learns {len(classes)} "
             f"synthetic shapes at {args.img_size} px: {len(train_set)} training images, "
             f"{len(val_set)} held out (fixed seeds). Chance is {100 / len(classes):.0f}%.")
-    else:
+    elif args.data == "imagenet":
         train_set, val_set, classes, mix = imagenet_data(args)
+    else:
+        train_set, val_set, classes, mix = cifar_data(args)
     model = build_model(args, len(classes))
     n_params = sum(p.numel() for p in model.parameters())
 
@@ -738,11 +956,11 @@ def run(args):
                         f"{args.batch_size} x {world} processes; lower --batch-size")
     os.makedirs(args.output, exist_ok=True)
     global_batch = args.batch_size * world
-    peak = args.lr * global_batch / 512  # linear scaling rule (Goyal et al.), as DeiT
+    peak, warmup_lr, min_lr = scaled_lrs(args, global_batch)
     optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=peak,
                                   betas=tuple(args.betas), fused=device.type == "cuda")
     steps = len(train_loader)
-    scheduler = lr_schedule(optimizer, peak, args.warmup_lr, args.min_lr,
+    scheduler = lr_schedule(optimizer, peak, warmup_lr, min_lr,
                             args.warmup_epochs * steps, args.epochs * steps)
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
     criterion = nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)  # takes soft targets

@@ -9,6 +9,8 @@ import subprocess
 import sys
 import textwrap
 
+import numpy as np
+
 import pytest
 import torch
 import torch.nn as nn
@@ -488,3 +490,301 @@ def test_bad_input_gives_one_clear_line(tmp_path, case):
     assert len(errors) == 1, proc.stderr[-2000:]
     for text in expected:
         assert text in errors[0], errors[0]
+
+
+# ----------------------------------------------------------------------------------------------
+# recipes: InLine's and DeiT's values, flags win, the official augmentation and eval resize
+
+
+def test_recipes_set_the_official_values_and_flags_win(tmp_path):
+    inline = deit.get_args(["--data-path", str(tmp_path)])
+    assert inline.data == "imagenet" and inline.recipe == "inline"
+    assert (inline.batch_size, inline.warmup_epochs, inline.clip_grad, inline.repeated_aug,
+            inline.eval_resize, inline.auto_augment) == (512, 20, 5.0, 0, "square",
+                                                         "rand-m9-mstd0.5-inc1")
+    # InLine's main.py: base, warm-up and minimum lr all x global batch / 512; 8 GPUs x 512
+    assert deit.scaled_lrs(inline, 8 * 512) == pytest.approx((4e-3, 4e-6, 4e-5))
+    d = deit.get_args(["--data-path", str(tmp_path), "--recipe", "deit"])
+    assert (d.batch_size, d.warmup_epochs, d.clip_grad, d.repeated_aug, d.eval_resize) == \
+        (256, 5, 0.0, 3, "shorter")
+    # DeiT's main.py scales only the base lr: 4 GPUs x 256 -> 1e-3, warm-up 1e-6, min 1e-5
+    assert deit.scaled_lrs(d, 4 * 256) == pytest.approx((1e-3, 1e-6, 1e-5))
+    mine = deit.get_args(["--data-path", str(tmp_path), "--recipe", "deit", "--clip-grad", "1",
+                          "--eval-resize", "square", "--batch-size", "64"])
+    assert (mine.clip_grad, mine.eval_resize, mine.batch_size, mine.warmup_epochs) == \
+        (1.0, "square", 64, 5)                             # given flags win, the rest stay deit's
+    demo = deit.get_args([])
+    assert demo.data == "demo" and demo.demo and demo.batch_size == deit.DEMO["batch_size"]
+    assert deit.scaled_lrs(demo, 64)[1:] == (deit.DEMO["warmup_lr"], deit.DEMO["min_lr"])
+    cifar = deit.get_args(["--data", "cifar100"])
+    assert (cifar.data_path, cifar.img_size, cifar.patch_size, cifar.batch_size) == \
+        ("data", 32, 4, 128) and cifar.output == os.path.join("runs", "cifar100-final")
+    with pytest.raises(SystemExit):
+        deit.get_args(["--data", "imagenet"])              # no --data-path: usage error
+
+
+def test_train_transform_is_timms_rand_m9_mstd05_inc1():
+    timm_aa = pytest.importorskip("timm.data.auto_augment")
+    timm_tf = pytest.importorskip("timm.data.transforms")
+    args = deit.get_args(["--data-path", "x"])
+    tf = deit.train_transform(args).transforms
+    crop, flip, ra = tf[0], tf[1], tf[2]
+    assert isinstance(crop, timm_tf.RandomResizedCropAndInterpolation) and crop.size == (224, 224)
+    assert crop.scale == (0.08, 1.0) and "bicubic" in str(crop.interpolation).lower()
+    assert flip.p == 0.5
+    assert isinstance(ra, timm_aa.RandAugment) and ra.num_layers == 2
+    names = [op.name for op in ra.ops]
+    assert {"PosterizeIncreasing", "SolarizeIncreasing", "ColorIncreasing",
+            "ContrastIncreasing", "BrightnessIncreasing", "SharpnessIncreasing"} <= set(names)
+    assert "Posterize" not in names and len(names) == 15             # the 'inc1' op set
+    assert all(op.prob == 0.5 and op.magnitude == 9 and op.magnitude_std == 0.5
+               for op in ra.ops)                                       # m9 of 10, mstd 0.5
+    erase = tf[-1]
+    assert type(erase).__name__ == "RandomErasing" and erase.probability == 0.25
+    assert erase.mode == "pixel"
+    small = deit.train_transform(deit.get_args(["--data", "cifar10"])).transforms
+    assert type(small[0]).__name__ == "RandomCrop" and list(small[0].padding) == [4] * 4  # 32 px
+
+
+def test_eval_resize_square_for_inline_shorter_side_for_deit():
+    from PIL import Image
+    img = Image.fromarray(torch.randint(0, 256, (40, 48, 3), dtype=torch.uint8,
+                                        generator=torch.Generator().manual_seed(0)).numpy())
+    mean, std = torch.tensor(deit.MEAN)[:, None, None], torch.tensor(deit.STD)[:, None, None]
+
+    def reference(w, h):  # PIL bicubic resize to (w, h), centre 32 x 32 crop, normalise
+        r = torch.from_numpy(np.array(img.resize((w, h), Image.BICUBIC))).permute(2, 0, 1)
+        top, left = int(round((h - 32) / 2)), int(round((w - 32) / 2))
+        return (r[:, top:top + 32, left:left + 32].float() / 255 - mean) / std
+    common = ["--data-path", "x", "--img-size", "32", "--patch-size", "8"]
+    square = deit.eval_transform(deit.get_args(common), None)(img)            # 36 x 36
+    shorter = deit.eval_transform(deit.get_args(common + ["--recipe", "deit"]), None)(img)
+    assert torch.allclose(square, reference(36, 36), atol=1e-5)   # 32 / 0.875 = 36, InLine
+    assert torch.allclose(shorter, reference(43, 36), atol=1e-5)  # 40 -> 36, 48 -> 43, timm
+    assert not torch.allclose(square, shorter, atol=1e-2)
+
+
+def test_repeated_augmentation_sampler_is_deits():
+    ds = list(range(600))
+    per_rank = [list(deit.RepeatedAugSampler(ds, 4, r, repeats=3, seed=0)) for r in range(4)]
+    assert [len(p) for p in per_rank] == [512 // 4] * 4            # 600 // 256 * 256 / 4 each
+    # the copies of an image go to consecutive processes (different augmentations of it)
+    assert per_rank[0][0] == per_rank[1][0] == per_rank[2][0] != per_rank[3][0]
+    s = deit.RepeatedAugSampler(ds, 4, 0, seed=0)
+    first = list(s)
+    s.set_epoch(1)
+    assert list(s) != first and sorted(set(first)) != first[:len(set(first))]
+
+
+# ----------------------------------------------------------------------------------------------
+# CIFAR: written in CIFAR's own format (no download in tests)
+
+
+def write_cifar(root, name="cifar10", n_train=40, n_test=16, classes=10, seed=0):
+    """A tiny dataset in CIFAR's on-disk format: pickled dicts, 'data' rows of 3072 uint8 (the
+    red, green and blue planes, each 32 x 32 row-major), labels, and the meta file. Each class
+    has its own colour, so there is something to learn."""
+    import pickle
+    spec = deit.CIFAR[name]
+    folder = os.path.join(root, spec["folder"])
+    os.makedirs(folder, exist_ok=True)
+    g = torch.Generator().manual_seed(seed)
+
+    def batch(n):
+        y = torch.arange(n) % classes
+        x = torch.randint(0, 100, (n, 3, 32, 32), generator=g, dtype=torch.uint8)
+        x[:, 0] += (y * 150 // classes).to(torch.uint8)[:, None, None]
+        return {"data": x.reshape(n, 3072).numpy(), spec["labels"]: y.tolist()}
+    files = {f: batch(n_train // len(spec["train"])) for f in spec["train"]}
+    files.update({f: batch(n_test) for f in spec["test"]})
+    files[spec["meta"]] = {spec["names"]: [f"class{i}" for i in range(classes)]}
+    for f, obj in files.items():
+        with open(os.path.join(folder, f), "wb") as fh:
+            pickle.dump(obj, fh, protocol=2)
+    return files
+
+
+CIFAR_TINY = ["--embed-dim", "32", "--depth", "1", "--num-heads", "2", "--patch-size", "8",
+              "--batch-size", "8", "--workers", "0", "--epochs", "2", "--warmup-epochs", "1"]
+
+
+def test_cifar_is_read_in_its_own_format_and_trains(tmp_path, monkeypatch):
+    files = write_cifar(tmp_path / "c10")
+    x, y, xt, yt, classes = deit.read_cifar("cifar10", str(tmp_path / "c10"))
+    assert x.shape == (40, 32, 32, 3) and xt.shape == (16, 32, 32, 3) and len(classes) == 10
+    row = files["data_batch_1"]["data"][1]                           # image 1 of the first file
+    assert x[1, 2, 5, 0] == row[2 * 32 + 5] and x[1, 2, 5, 1] == row[1024 + 2 * 32 + 5]
+    assert x[1, 2, 5, 2] == row[2048 + 2 * 32 + 5] and y[1] == 1     # (H, W, RGB) from planes
+    write_cifar(tmp_path / "c100", "cifar100", classes=100, n_train=200, n_test=100)
+    *_, yt100, names = deit.read_cifar("cifar100", str(tmp_path / "c100"))
+    assert len(names) == 100 and set(yt100.tolist()) == set(range(100))  # the fine labels
+
+    def no_download(*a, **k):
+        raise AssertionError("the files are there: nothing may be downloaded")
+    monkeypatch.setattr(deit, "download_cifar", no_download)
+    out = str(tmp_path / "out")
+    res = deit.main(["--data", "cifar10", "--data-path", str(tmp_path / "c10"), "--output", out]
+                    + CIFAR_TINY)
+    log = [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]
+    assert [r["epoch"] for r in log] == [0, 1] and all(math.isfinite(r["loss"]) for r in log)
+    assert tensors(os.path.join(out, "checkpoint.pth"))["model"]["head.weight"].shape == (10, 32)
+    assert 0 <= res["top1"] <= 100 and res["top5"] >= res["top1"]
+
+
+def test_cifar_download_failure_and_corrupt_files_give_one_clear_line(tmp_path, monkeypatch):
+    import torchvision
+
+    class Offline:
+        url, filename = "https://example.invalid/cifar-10-python.tar.gz", "cifar-10-python.tar.gz"
+
+        def __init__(self, *a, **k):
+            raise OSError("<urlopen error [Errno -3] Temporary failure in name resolution>")
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", Offline)
+    with pytest.raises(SystemExit) as e:
+        deit.main(["--data", "cifar10", "--data-path", str(tmp_path / "empty")] + CIFAR_TINY)
+    msg = str(e.value.code)
+    assert msg.startswith("error: could not download cifar10") and "by hand" in msg
+    assert "\n" not in msg
+    write_cifar(tmp_path / "bad")
+    with open(tmp_path / "bad" / "cifar-10-batches-py" / "data_batch_3", "wb") as f:
+        f.write(b"\x80\x02 half a pickle")
+    with pytest.raises(SystemExit) as e:
+        deit.main(["--data", "cifar10", "--data-path", str(tmp_path / "bad")] + CIFAR_TINY)
+    assert "data_batch_3" in str(e.value.code) and "corrupt" in str(e.value.code)
+
+
+# ----------------------------------------------------------------------------------------------
+# no per-step host sync; a NaN still stops training before a bad checkpoint
+
+
+def count_item_calls(monkeypatch, fn):
+    """Host reads of a tensor (.item(), .tolist(), float(), bool()) made by step 06's own code.
+    (On CPU, torch's non-fused AdamW reads its step counters too; CUDA runs use the fused one.)"""
+    calls = []
+    for name in ("item", "tolist", "__float__", "__bool__"):
+        real = getattr(torch.Tensor, name)
+
+        def counted(self, *a, _real=real, **k):
+            if sys._getframe(1).f_code.co_filename == deit.__file__:
+                calls.append(1)
+            return _real(self, *a, **k)
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    fn()
+    monkeypatch.undo()
+    return len(calls)
+
+
+def one_epoch(steps, check_every, attn="softmax", poison_at=None):
+    torch.manual_seed(0)
+    x, y = deit.synthetic_shapes(8, 16, seed=0)
+    batch = ((x.float() / 255 - 0.5) / 0.25, y)
+    model = small_vit(attn, num_classes=10, depth=1)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    sched = deit.lr_schedule(opt, 1e-3, 1e-3, 1e-3, 0, steps)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    args = argparse.Namespace(amp="none", clip_grad=5.0, check_every=check_every)
+    loader = [batch] * steps
+    if poison_at is not None:
+        loader[poison_at] = (batch[0] * float("nan"), batch[1])
+    return deit.train_one_epoch(model, loader, nn.CrossEntropyLoss(), opt, sched, scaler, None,
+                                torch.device("cpu"), args, epoch=3)
+
+
+def test_no_host_sync_per_step(monkeypatch):
+    # .item() (a GPU -> host sync) a fixed number of times per epoch, not once per step
+    few = count_item_calls(monkeypatch, lambda: one_epoch(4, check_every=1000))
+    many = count_item_calls(monkeypatch, lambda: one_epoch(12, check_every=1000))
+    assert few == many <= 3, (few, many)
+    checked = count_item_calls(monkeypatch, lambda: one_epoch(12, check_every=4))
+    assert many < checked <= many + 3 * 3                  # a look every 4 steps: 3 looks more
+
+
+def test_nan_between_checks_is_found_with_its_step():
+    with pytest.raises(deit.UserError, match=r"loss is nan at epoch 3, step 5"):
+        one_epoch(12, check_every=4, poison_at=5)        # seen at the look after step 8
+    with pytest.raises(deit.UserError, match=r"loss is nan at epoch 3, step 2"):
+        one_epoch(3, check_every=1000, poison_at=2)      # seen at the epoch's end
+
+
+def test_nan_at_a_later_step_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    out = str(tmp_path / "run")
+    deit.main(TINY + ["--epochs", "1", "--output", out, "--check-every", "2"])
+    good = weights(f"{out}/checkpoint.pth")
+    real_forward, calls = deit.VisionTransformer.forward, []
+
+    def nan_at_third_training_step(self, x):
+        calls.append(self.training)
+        bad = self.training and sum(calls) == 3
+        return real_forward(self, x) * (float("nan") if bad else 1.0)
+    monkeypatch.setattr(deit.VisionTransformer, "forward", nan_at_third_training_step)
+    with pytest.raises(SystemExit) as e:
+        deit.main(TINY + ["--epochs", "2", "--output", out, "--check-every", "2"])
+    assert "loss is nan at epoch 1, step 2" in str(e.value.code)
+    ckpt = tensors(f"{out}/checkpoint.pth")
+    assert ckpt["epoch"] == 0 and all(torch.equal(good[k], v) for k, v in ckpt["model"].items())
+
+
+# ----------------------------------------------------------------------------------------------
+# the GPU code paths, run on CPU: bf16 autocast and torch.compile against eager float32
+
+# bf16 keeps 8 bits of mantissa (relative step 2^-8 = 0.4%); through two blocks and the head the
+# logits of these small models stay within 3% of their largest value, the losses within 0.02.
+BF16_LOGITS, BF16_LOSS = 0.03, 0.02
+COMPILE_LOGITS, COMPILE_LOSS = 1e-4, 1e-4   # float32 both: only the order of sums changes
+
+
+def train_steps(run, model, batch, args, steps=8):
+    """`steps` one-batch epochs of the script's train_one_epoch, then its evaluate."""
+    opt = torch.optim.AdamW(deit.param_groups(model, 0.05), lr=3e-3)
+    sched = deit.lr_schedule(opt, 3e-3, 3e-3, 3e-3, 0, steps)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    losses = [deit.train_one_epoch(run, [batch], nn.CrossEntropyLoss(), opt, sched, scaler, None,
+                                   torch.device("cpu"), args) for _ in range(steps)]
+    return losses, deit.evaluate(run, [batch], torch.device("cpu"), args)
+
+
+@pytest.mark.parametrize("attn", ["softmax", "final"])
+@pytest.mark.parametrize("mode", ["bf16", "compile"])
+def test_gpu_paths_on_cpu_agree_with_eager_float32(attn, mode):
+    import copy
+    from torch._dynamo.utils import counters
+    torch._dynamo.reset()
+    counters.clear()
+    torch.manual_seed(0)
+    x, y = deit.synthetic_shapes(16, 16, seed=2)
+    batch = ((x.float() / 255 - 0.5) / 0.25, y)
+    eager = small_vit(attn, num_classes=10)
+    other = copy.deepcopy(eager)
+    f32 = argparse.Namespace(amp="none", clip_grad=5.0, check_every=50)
+    args = argparse.Namespace(**{**vars(f32), "amp": "bf16" if mode == "bf16" else "none"})
+    run, _ = deit.prepare(other, torch.device("cpu"), 1, compile=mode == "compile")
+    eager.eval(), run.eval()
+    with torch.no_grad(), deit.autocast(torch.device("cpu"), args.amp):
+        ref, got = eager(batch[0]), run(batch[0])
+    if mode == "bf16":
+        assert got.dtype == torch.bfloat16                   # autocast really ran in bf16
+    tol_logits, tol_loss = {"bf16": (BF16_LOGITS, BF16_LOSS),
+                            "compile": (COMPILE_LOGITS, COMPILE_LOSS)}[mode]
+    err = (got.float() - ref).abs().max() / ref.abs().max()
+    assert err < tol_logits, f"{mode} logits differ from eager float32 by {err:.2e} of the max"
+
+    ref_losses, ref_acc = train_steps(eager, eager, batch, f32)
+    graphs_before = counters["stats"]["unique_graphs"]       # the eval graph compiled above
+    losses, acc = train_steps(run, other, batch, args)
+    assert ref_losses[-1] < ref_losses[0] and losses[-1] < losses[0]   # both learn
+    diffs = [abs(a - b) for a, b in zip(losses, ref_losses)]
+    assert max(diffs) < tol_loss, f"{mode} losses {losses} vs eager float32 {ref_losses}"
+    assert abs(acc[0] - ref_acc[0]) <= 100 / 16 + 1e-6       # at most one image flips
+    if mode == "compile":
+        # static shapes: the training graph is compiled once (forward + backward) and reused
+        # for all 8 steps, and evaluate reuses the eval graph; nothing recompiles
+        graphs = counters["stats"]["unique_graphs"]
+        assert graphs_before >= 1 and graphs - graphs_before == 1, dict(counters["stats"])
+
+
+def test_demo_runs_end_to_end_in_bf16(tmp_path):
+    out = str(tmp_path / "bf16")
+    res = deit.main(TINY + ["--epochs", "1", "--output", out, "--amp", "bf16"])
+    log = json.loads(open(os.path.join(out, "log.jsonl")).readline())
+    assert math.isfinite(log["loss"]) and 0 <= res["top1"] <= 100
+    assert tensors(os.path.join(out, "checkpoint.pth"))["args"]["amp"] == "bf16"
