@@ -33,6 +33,7 @@ Every epoch ends with an atomic checkpoint (model, optimizer, scheduler, RNG sta
 JSON in OUTPUT/log.jsonl; running the same command again continues exactly where it stopped.
 """
 import argparse
+import functools
 import importlib
 import json
 import math
@@ -52,6 +53,8 @@ from torch.utils.data.distributed import DistributedSampler
 from tqdm import tqdm
 
 softmax = importlib.import_module("01_softmax_attention")
+injective = importlib.import_module("03_injectivity")
+locality = importlib.import_module("04_local_residual")
 rank_aug = importlib.import_module("05_rank_augmentation")
 
 # every attention of the course, by name (defined in step 05); each maps (B, N, C) -> (B, N, C):
@@ -723,6 +726,162 @@ def save_atomic(obj, path):
 
 
 # ----------------------------------------------------------------------------------------------
+# analysis: the papers' measurements on a (trained) model, block by block
+#
+# For every block the attention's input x (B, N, C) is caught by a forward hook; the module
+# itself then gives its weights (attention_weights) and KV buffers (kv_buffer), and the measures
+# are those of steps 03-05, imported, not rewritten:
+#   local attention mass of the patch queries in their 3x3 / 5x5 / 7x7 windows (InLine Fig. 4),
+#   confused pairs: distinct queries of one image whose attention rows are (nearly) the same
+#       (L1 distance < tol; InLine Fig. 2 / step 03),
+#   effective rank of the per-head KV buffer and of the block's N x C output (RALA's analysis).
+
+WINDOWS = (3, 5, 7)
+
+
+@torch.no_grad()
+def analyze(model, images, tol=0.05):
+    """One dict of measurements per block of `model` on `images` (B, 3, S, S)."""
+    model.eval()
+    seen = {}  # block index -> (input x, output) of its attention module
+    hooks = [blk.attn.register_forward_hook(lambda mod, inp, out, i=i: seen.update({i: (inp[0], out)}))
+             for i, blk in enumerate(model.blocks)]
+    try:
+        model(images)
+    finally:
+        for h in hooks:
+            h.remove()
+    rows = []
+    for i, blk in enumerate(model.blocks):
+        x, out = (t.double() for t in seen[i])                  # (B, N, C) each
+        attn = blk.attn.double()                                # measure in float64
+        w = attn.attention_weights(x)                           # (B, H, N, N)
+        B, H, N, _ = w.shape
+        uniform = torch.full((N, N), 1.0 / N, dtype=w.dtype)    # the baseline: no preference
+        row = {"block": i + 1}
+        for win in WINDOWS:
+            row[f"mass_{win}"] = float(locality.local_attention_mass(w, win).mean())
+            row[f"uniform_{win}"] = float(locality.local_attention_mass(uniform, win).mean())
+        side, cls = locality.grid_size(N)
+        patches = w[..., cls:, :].flatten(0, 1)                 # (B*H, P, N) the patch queries' rows
+        row["confused"] = sum(injective.confusion_pairs(r, tol) for r in patches) / (B * H)
+        row["pairs"] = (N - cls) * (N - cls - 1) // 2
+        kv = attn.kv_buffer(x)                                  # (B, H, d, d); softmax: (B, H, N, N)
+        row["rank_kv"], row["rank_kv_max"] = float(rank_aug.effective_rank(kv).mean()), kv.shape[-1]
+        row["rank_out"], row["rank_out_max"] = float(rank_aug.effective_rank(out).mean()), out.shape[-1]
+        attn.float()
+        rows.append(row)
+    return rows
+
+
+def print_analysis(rows, label, n_images, tol, log=print):
+    log(f"analysis of {label} on {n_images} held-out images, per block (mean over images, heads and "
+        f"patch queries):\n  mass: share of a patch query's attention in its k x k window "
+        f"(x: over a uniform distribution, InLine Fig. 4);\n  confused: pairs of patch queries of one "
+        f"image with the same attention distribution (L1 < {tol:g}, of {rows[0]['pairs']:,});\n  eff. "
+        f"rank: of each head's KV buffer (softmax: its N x N weights) and of the block's N x C output")
+    log(f"{'block':>5} | " + " | ".join(f"{w}x{w} mass (x unif)" for w in WINDOWS)
+        + f" | {'confused':>8} | {'rank KV':>7} {'of':>3} | {'rank out':>8} {'of':>3}")
+    for r in rows:
+        log(f"{r['block']:>5} | " + " | ".join(f"{r[f'mass_{w}']:>8.3f} (x{r[f'mass_{w}'] / r[f'uniform_{w}']:>5.2f})"
+                                       for w in WINDOWS)
+            + f" | {r['confused']:>8.1f} | {r['rank_kv']:>7.2f} {r['rank_kv_max']:>3} |"
+              f" {r['rank_out']:>8.2f} {r['rank_out_max']:>3}")
+
+
+def held_out_batch(val_set, n):
+    """n images spread evenly over the held-out set (ImageFolder sorts by class)."""
+    idx = torch.linspace(0, len(val_set) - 1, min(n, len(val_set))).round().long().unique()
+    return torch.stack([val_set[int(i)][0] for i in idx])       # (n, 3, S, S)
+
+
+# ----------------------------------------------------------------------------------------------
+# figures from run directories (log.jsonl, analysis.json); matplotlib only on this path
+
+
+def read_jsonl(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def plot_runs(runs, out_dir, log=print):
+    """training_curves.png (loss and top-1 against epoch, one line per run) and, for the runs
+    that have an analysis.json, local_mass.png (InLine Fig. 4: mass per block, with the uniform
+    baseline). Returns the paths written."""
+    import matplotlib
+    matplotlib.use("Agg")  # files only, no window
+    import matplotlib.pyplot as plt
+    os.makedirs(out_dir, exist_ok=True)
+    curves = {r: read_jsonl(os.path.join(r, "log.jsonl")) for r in runs
+              if os.path.isfile(os.path.join(r, "log.jsonl"))}
+    analyses = {r: json.load(open(os.path.join(r, "analysis.json"))) for r in runs
+                if os.path.isfile(os.path.join(r, "analysis.json"))}
+    if not curves and not analyses:
+        raise UserError(f"none of {', '.join(runs)} holds a log.jsonl or analysis.json to plot")
+    written = []
+    if curves:
+        fig, (ax_loss, ax_top1) = plt.subplots(1, 2, figsize=(10, 3.8), dpi=100)
+        for r, recs in curves.items():
+            epochs = [rec["epoch"] + 1 for rec in recs]
+            ax_loss.plot(epochs, [rec["loss"] for rec in recs], marker=".", label=os.path.basename(r))
+            ax_top1.plot(epochs, [rec["top1"] for rec in recs], marker=".", label=os.path.basename(r))
+        ax_loss.set(xlabel="epoch", ylabel="training loss", title="training loss")
+        ax_top1.set(xlabel="epoch", ylabel="held-out top-1 (%)", title="held-out top-1")
+        for ax in (ax_loss, ax_top1):
+            ax.grid(alpha=0.3)
+        ax_top1.legend(fontsize=8)
+        fig.tight_layout()
+        written.append(os.path.join(out_dir, "training_curves.png"))
+        fig.savefig(written[-1])
+        plt.close(fig)
+    if analyses:
+        fig, axes = plt.subplots(1, len(WINDOWS), figsize=(4 * len(WINDOWS), 3.6), dpi=100)
+        for r, a in analyses.items():
+            blocks = [row["block"] for row in a["blocks"]]
+            for ax, win in zip(axes, WINDOWS):
+                ax.plot(blocks, [row[f"mass_{win}"] for row in a["blocks"]], marker="o",
+                        label=a["label"])
+        for ax, win in zip(axes, WINDOWS):
+            base = next(iter(analyses.values()))["blocks"][0][f"uniform_{win}"]
+            ax.axhline(base, color="gray", ls=":", label="uniform")
+            ax.set(xlabel="block", ylabel=f"attention mass in the {win}x{win} window",
+                   title=f"local attention mass, {win}x{win}", ylim=(0, None))
+            ax.grid(alpha=0.3)
+        axes[0].legend(fontsize=8)
+        fig.tight_layout()
+        written.append(os.path.join(out_dir, "local_mass.png"))
+        fig.savefig(written[-1])
+        plt.close(fig)
+    for path in written:
+        log(f"wrote {path}")
+    return written
+
+
+def summarize_runs(runs, log=print):
+    """A markdown table over run directories, one row per model (attention and switched-off
+    parts), over the seeds: final held-out top-1 mean +- std, parameters, train img/s."""
+    groups = {}
+    for r in runs:
+        path = os.path.join(r, "checkpoint.pth")
+        if not os.path.isfile(path):
+            raise UserError(f"{r} holds no checkpoint.pth: not a finished run directory")
+        ckpt = read_checkpoint(path)
+        recs = read_jsonl(os.path.join(r, "log.jsonl"))
+        label = model_label(argparse.Namespace(**ckpt["args"]))
+        params = sum(v.numel() for v in ckpt["model"].values())
+        groups.setdefault(label, []).append((recs[-1]["top1"], params,
+                                             np.mean([rec["images_per_s"] for rec in recs])))
+    log("| attention | seeds | held-out top-1 (%) | parameters | train img/s |")
+    log("|---|---|---|---|---|")
+    for label, rows in groups.items():
+        top1 = np.array([t for t, _, _ in rows])
+        std = top1.std(ddof=1) if len(top1) > 1 else float("nan")
+        log(f"| {label} | {len(rows)} | {top1.mean():.1f} +- {std:.1f} | {rows[0][1]:,} |"
+            f" {np.mean([s for _, _, s in rows]):.0f} |")
+    return groups
+
+
+# ----------------------------------------------------------------------------------------------
 # benchmark: the chosen attention against softmax, same run, same settings
 
 
@@ -826,6 +985,9 @@ def get_args(argv=None):
     a("--demo-val", type=int, default=2000, help="demo: held-out synthetic images")
     # model
     a("--attn", default="final", choices=list(ATTENTIONS), help="attention of every block")
+    for part, what in zip(FINAL_PARTS, ("alpha re-weighting of the keys", "output gate",
+                                        "local residual")):
+        a(f"--no-{part}", action="store_true", help=f"--attn final without its {what} (ablation)")
     a("--img-size", type=int, default=224)
     a("--patch-size", type=int, default=16)
     a("--embed-dim", type=int, default=192)
@@ -871,12 +1033,29 @@ def get_args(argv=None):
     a("--bench", action="store_true", help="images/s of --attn and softmax at --img-size")
     a("--bench-batch", type=int, help="default 128 on cuda, 8 on cpu")
     a("--bench-steps", type=int, default=5, help="timed steps (median)")
+    # analysis of trained models (the papers' measurements) and figures
+    a("--analyze", action="store_true", help="per-block local attention mass, confused query "
+      "pairs and ranks of --resume / --pretrained weights (default: OUTPUT/checkpoint.pth if "
+      "it exists, else a freshly initialised model) on held-out images; writes "
+      "OUTPUT/analysis.json")
+    a("--analyze-images", type=int, default=32, help="held-out images for --analyze")
+    a("--confusion-tol", type=float, default=0.05, help="--analyze: two attention rows "
+      "closer than this in L1 distance count as the same distribution (rows sum to 1)")
+    a("--plot", metavar="DIR", help="write training_curves.png and local_mass.png for the "
+      "run directories --runs (default: OUTPUT) into DIR; after --analyze if both are given")
+    a("--summary", action="store_true", help="print a markdown table (top-1 mean +- std over "
+      "seeds, parameters, img/s) of the run directories --runs")
+    a("--runs", nargs="+", metavar="DIR", help="run directories for --plot and --summary")
     p.set_defaults(**RECIPES["inline"])  # so that --help shows the default recipe
     args = p.parse_args(argv)
+    if args.attn != "final" and any(getattr(args, f"no_{x}") for x in FINAL_PARTS):
+        p.error(f"--no-{'/--no-'.join(FINAL_PARTS)} switch off parts of --attn final, "
+                f"not of --attn {args.attn}")
     data = args.data or ("demo" if args.data_path is None else "imagenet")
     if data == "demo" and args.data_path is not None:
         p.error("--data demo makes its own images; leave out --data-path")
-    if data == "imagenet" and args.data_path is None and not args.bench:
+    if data == "imagenet" and args.data_path is None and not (args.bench or args.summary or
+                                                             (args.plot and not args.analyze)):
         p.error(f"--data imagenet needs --data-path; {LAYOUT}")
     p.set_defaults(**{**RECIPES[args.recipe], **({} if args.bench else DATASETS[data])})
     args = p.parse_args(argv)  # flags given on the command line win over both dicts
@@ -885,8 +1064,22 @@ def get_args(argv=None):
         args.data_path = "data"
     args.demo = data == "demo" and not args.bench
     if args.output is None:
-        args.output = os.path.join("runs", f"{data}-{args.attn}")
+        args.output = os.path.join("runs", f"{data}-{model_label(args)}")
     return args
+
+
+FINAL_PARTS = ("reweight", "gate", "local")  # the final module's switches (step 05)
+
+
+def model_label(args):
+    """'final', or 'final-no-gate' etc. when parts of the final module are switched off."""
+    return args.attn + "".join(f"-no-{p}" for p in FINAL_PARTS if getattr(args, f"no_{p}", False))
+
+
+def attention_of(args):
+    """The attention of every block: a name in ATTENTIONS, or the final module with parts off."""
+    off = {p: False for p in FINAL_PARTS if getattr(args, f"no_{p}", False)}
+    return functools.partial(ATTENTIONS["final"], **off) if off else args.attn
 
 
 def build_model(args, num_classes):
@@ -894,7 +1087,7 @@ def build_model(args, num_classes):
         return VisionTransformer(args.img_size, args.patch_size, num_classes=num_classes,
                                  embed_dim=args.embed_dim, depth=args.depth,
                                  num_heads=args.num_heads, drop_path_rate=args.drop_path,
-                                 attn=args.attn)
+                                 attn=attention_of(args))
     except ValueError as e:  # sizes that do not fit: a user error, not a bug
         raise UserError(str(e)) from None
 
@@ -940,6 +1133,8 @@ def run(args):
         model.load_state_dict(ckpt["model"])
     elif args.pretrained:
         load_pretrained(model, args.pretrained)
+    if args.analyze:
+        return run_analysis(model, val_set, device, args, resume or args.pretrained, log)
     train_model, eval_model = prepare(model, device, world, args.compile)
     train_loader, val_loader = make_loaders(train_set, val_set, args, rank, world, device)
 
@@ -1017,9 +1212,30 @@ def run(args):
     return {"best_top1": best, "top1": top1, "top5": top5}
 
 
+def run_analysis(model, val_set, device, args, weights, log):
+    """--analyze: print and save (OUTPUT/analysis.json) the per-block measurements."""
+    if weights is None:
+        log("note: no weights given (--resume / --pretrained) and no OUTPUT/checkpoint.pth: "
+            "analysing a freshly initialised model")
+    images = held_out_batch(val_set, args.analyze_images).to(device)
+    rows = analyze(model.to(device), images, args.confusion_tol)
+    label = f"{model_label(args)} ({weights or 'freshly initialised'})"
+    print_analysis(rows, label, len(images), args.confusion_tol, log)
+    os.makedirs(args.output, exist_ok=True)
+    with open(os.path.join(args.output, "analysis.json"), "w") as f:
+        json.dump({"label": model_label(args), "weights": weights, "images": len(images),
+                   "tol": args.confusion_tol, "blocks": rows}, f, indent=1)
+    if args.plot:
+        plot_runs(args.runs or [args.output], args.plot, log)
+    return rows
+
+
 def main(argv=None):
     args = get_args(argv)
     try:
+        if args.summary or (args.plot and not args.analyze):
+            runs = args.runs or [args.output]
+            return summarize_runs(runs) if args.summary else plot_runs(runs, args.plot)
         return run(args)
     except UserError as e:
         # DataLoader workers re-raise with their traceback in the message: its last line is ours

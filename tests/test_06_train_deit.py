@@ -788,3 +788,83 @@ def test_demo_runs_end_to_end_in_bf16(tmp_path):
     log = json.loads(open(os.path.join(out, "log.jsonl")).readline())
     assert math.isfinite(log["loss"]) and 0 <= res["top1"] <= 100
     assert tensors(os.path.join(out, "checkpoint.pth"))["args"]["amp"] == "bf16"
+
+
+# ----------------------------------------------------------------------------------------------
+# --analyze, --plot, --summary and the final module's switches
+
+
+def test_analyze_measures_known_attention_patterns():
+    torch.manual_seed(0)
+    model = small_vit("softmax", img_size=28, patch_size=4)  # a 7 x 7 grid + class token
+    images = torch.randn(3, 3, 28, 28)
+    with torch.no_grad():  # zero q, k: every softmax row is uniform over the N tokens
+        for blk in model.blocks:
+            blk.attn.qkv.weight[:48].zero_()
+            blk.attn.qkv.bias[:48].zero_()
+    rows = deit.analyze(model, images, tol=1e-6)
+    assert [r["block"] for r in rows] == [1, 2]
+    for r in rows:
+        for w in deit.WINDOWS:  # local attention mass (Fig. 4) of uniform rows is the baseline
+            assert r[f"mass_{w}"] == pytest.approx(r[f"uniform_{w}"], rel=1e-9)
+        assert r["uniform_3"] == pytest.approx(sum(  # 3x3 windows clipped at the border / N
+            min(i + 1, 6) - max(i - 1, 0) + 1 for i in range(7)) ** 2 / 49 / 50, rel=1e-9)
+        assert r["confused"] == r["pairs"] == 49 * 48 // 2  # every pair of rows is the same
+        assert r["rank_kv"] == pytest.approx(1.0) and r["rank_kv_max"] == 50  # uniform: rank 1
+    with torch.no_grad():  # q = k = 30 U x, U orthogonal: LayerNorm gives every token the same
+        for blk in model.blocks:  # norm, so q_i . k_j is largest at j = i: each query attends to itself
+            u = torch.linalg.qr(torch.randn(24, 24))[0]
+            blk.attn.qkv.weight[:24], blk.attn.qkv.weight[24:48] = 30 * u, 30 * u
+    rows = deit.analyze(model, images, tol=1e-6)
+    assert all(r["mass_3"] > 0.9 and r["mass_3"] / r["uniform_3"] > 5 for r in rows)
+    assert all(r["confused"] < 0.01 * r["pairs"] for r in rows)  # distinct tokens: distinct rows
+
+
+@pytest.mark.parametrize("attn", list(deit.ATTENTIONS))
+def test_analyze_every_attention_on_a_fresh_model(attn):
+    torch.manual_seed(0)
+    model = small_vit(attn)
+    rows = deit.analyze(model, torch.randn(2, 3, 16, 16))
+    assert len(rows) == 2
+    kv_max = 17 if attn == "softmax" else 12  # N x N weights, or d x d buffers (24 / 2 heads)
+    for r in rows:
+        assert all(0 <= r[f"mass_{w}"] <= 1.0 + 1e-9 or attn in ("injective", "inline", "final")
+                   for w in deit.WINDOWS)  # InLine's weights may be negative, so may its mass
+        assert 0 <= r["confused"] <= r["pairs"] == 16 * 15 // 2
+        assert 1 <= r["rank_kv"] <= r["rank_kv_max"] == kv_max
+        assert 1 <= r["rank_out"] <= r["rank_out_max"] == 24
+    assert all(p.dtype == torch.float32 for p in model.parameters())  # measured in a copy's dtype
+
+
+def test_analyze_then_plot_and_summary_from_the_command_line(tmp_path, capsys):
+    runs = [str(tmp_path / f"softmax-{s}") for s in (0, 1)]
+    for seed, out in zip((0, 1), runs):
+        deit.main(TINY + ["--attn", "softmax", "--epochs", "2", "--seed", str(seed),
+                          "--output", out])
+    capsys.readouterr()
+    rows = deit.main(TINY + ["--attn", "softmax", "--output", runs[0], "--analyze",
+                             "--analyze-images", "8", "--plot", str(tmp_path / "fig")])
+    out = capsys.readouterr().out
+    assert f"analysis of softmax ({runs[0]}{os.sep}checkpoint.pth)" in out  # its own weights
+    assert len(rows) == 2 and "block | 3x3 mass" in out
+    saved = json.load(open(os.path.join(runs[0], "analysis.json")))
+    assert saved["label"] == "softmax" and saved["blocks"] == rows and saved["images"] == 8
+    for name in ("training_curves.png", "local_mass.png"):
+        png = (tmp_path / "fig" / name).read_bytes()
+        assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+    groups = deit.main(["--summary", "--runs", *runs])
+    table = capsys.readouterr().out
+    top1 = [json.loads(open(os.path.join(r, "log.jsonl")).readlines()[-1])["top1"] for r in runs]
+    assert len(groups["softmax"]) == 2
+    assert f"| softmax | 2 | {np.mean(top1):.1f} +- {np.std(top1, ddof=1):.1f} |" in table
+
+
+def test_final_module_parts_switch_off_from_the_command_line(tmp_path):
+    args = deit.get_args(["--attn", "final", "--no-gate", "--no-local"])
+    model = deit.build_model(args, 10)
+    attn = model.blocks[0].attn
+    assert attn.gate is None and attn.residual is None and attn.reweight
+    assert args.output.endswith("demo-final-no-gate-no-local")
+    proc = subprocess.run([sys.executable, SCRIPT, "--attn", "softmax", "--no-gate"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert proc.returncode != 0 and "not of --attn softmax" in proc.stderr
