@@ -256,8 +256,8 @@ SHAPES = ("disc", "ring", "plus", "cross", "hbar", "vbar", "triangle", "nabla", 
 
 def synthetic_shapes(n, img_size=32, seed=0):
     """n images (uint8 (n, 3, S, S)) and labels (n,): one of 10 shapes at a random place and size,
-    in a random colour on a noisy background of another colour. The label is the shape, so a
-    model must learn form, not colour or position (chance: 10%)."""
+    light on a dark background or dark on a light one, in random colours, with pixel noise. The
+    label is the shape, so a model must learn form, not colour or position (chance: 10%)."""
     g = torch.Generator().manual_seed(seed)
     parts = [draw_shapes(min(500, n - i), img_size, g) for i in range(0, n, 500)]  # bounded memory
     return torch.cat([x for x, _ in parts]), torch.cat([y for _, y in parts])
@@ -280,8 +280,13 @@ def draw_shapes(n, img_size, g):
                          ((ax - 0.55) ** 2 + dy ** 2 < 0.16),                        # dots
                          (box < 1) & ((dx < -0.45) | (dy > 0.45))])                  # corner
     mask = masks[y, torch.arange(n)][:, None]                           # (n, 1, S, S)
-    fg = torch.rand(n, 3, 1, 1, generator=g)
-    bg = (fg + 0.3 + 0.4 * torch.rand(n, 3, 1, 1, generator=g)) % 1     # >= 0.3 apart per channel
+    # a dark and a light colour (each channel 0.1 or more apart); the shape is the light one in
+    # half of the images, the dark one in the other half, so that neither brightness nor colour
+    # tells the class, but every patch still shows the shape's outline as a contrast
+    dark, light = 0.45 * torch.rand(2, n, 3, 1, 1, generator=g)
+    light = 1 - light
+    shape_is_light = torch.rand(n, 1, 1, 1, generator=g) < 0.5
+    fg, bg = torch.where(shape_is_light, light, dark), torch.where(shape_is_light, dark, light)
     img = torch.where(mask, fg, bg) + 0.08 * torch.randn(n, 3, img_size, img_size, generator=g)
     return (img.clamp(0, 1) * 255).round().to(torch.uint8), y
 
