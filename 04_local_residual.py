@@ -240,6 +240,7 @@ def plot_local_mass(table, path):
         ax.set_xlim(-0.5, len(rows) - 0.5)
         ax.set_ylim(0, 1)
         ax.set_ylabel("local attention mass")
+        ax.set_xlabel("attention weights (inline: eq. 5, without its local residual)")
         what = "plain noise, no spatial structure" if blur == 0 else "neighbours alike, as in an image"
         ax.set_title(f"blur {blur}: {what}", fontsize=10)
     axes[0].legend(fontsize=8, loc="upper right", title="dashed: uniform k*k/N", title_fontsize=8)
