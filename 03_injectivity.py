@@ -33,6 +33,8 @@ local residual of step 04.
 
 Run it to see the collisions, a confusion count in the spirit of the paper's Fig. 3, and that
 InLine's weights sum to 1, can be negative, and that its linear-time form equals the N x N form.
+`--plot DIR` also draws the paper's Fig. 1 (four keys and four queries in 2-D, and the weights
+softmax, linear and InLine attention give them) to DIR/fig1_injectivity.png.
 """
 import argparse
 import importlib
@@ -295,6 +297,8 @@ def main(argv=None):
     p.add_argument("--plot", metavar="DIR", help="also write the paper's Fig. 1 as "
                    "DIR/fig1_injectivity.png (needs matplotlib)")
     args = p.parse_args(argv)
+    if args.plot and os.path.exists(args.plot) and not os.path.isdir(args.plot):
+        p.error(f"--plot {args.plot}: exists and is not a directory")
     g = torch.Generator().manual_seed(args.seed)
     n, d = args.tokens, args.dim
     k = torch.randn(n, d, generator=g, dtype=torch.float64)  # one head's keys

@@ -26,6 +26,8 @@ The module reads the grid from N: N = H*W, or N = 1 + H*W with a class token fir
 
 Run it to see the local attention mass of softmax, linear and InLine attention on token maps
 whose neighbours are alike (as an image's are), and the parameter count of InLine-DeiT-T.
+`--plot DIR` also draws one query's attention map for each (DIR/attention_maps.png) and the
+table as bars (DIR/local_mass.png).
 """
 import argparse
 import importlib
@@ -260,6 +262,8 @@ def main(argv=None):
     p.add_argument("--plot", metavar="DIR", help="also write DIR/attention_maps.png and "
                    "DIR/local_mass.png (needs matplotlib)")
     args = p.parse_args(argv)
+    if args.plot and os.path.exists(args.plot) and not os.path.isdir(args.plot):
+        p.error(f"--plot {args.plot}: exists and is not a directory")
     side, d = args.side, args.dim
     table = local_mass_table(side, d, args.samples, args.seed)
     n = table["n"]

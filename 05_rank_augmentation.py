@@ -41,6 +41,8 @@ normalisation or make a denominator vanish.) Each part is a constructor flag; wi
 reweight=False, gate=False it computes exactly what InLineAttention computes.
 
 Run it for the rank tables; `--bench` for the speed / memory table of every module of steps 01-05.
+`--plot DIR` also draws the singular values behind the tables: the KV buffers, plain and
+re-weighted (DIR/kv_spectra.png), and each module's output (DIR/output_spectra.png).
 """
 import argparse
 import importlib
@@ -451,6 +453,8 @@ def main(argv=None):
     p.add_argument("--profile", type=int, default=0, metavar="N",
                    help="with --bench: also profile the final module at N tokens")
     args = p.parse_args(argv)
+    if args.plot and os.path.exists(args.plot) and not os.path.isdir(args.plot):
+        p.error(f"--plot {args.plot}: exists and is not a directory")
     return bench(args) if args.bench else show_ranks(args)
 
 

@@ -184,3 +184,12 @@ def test_plot_writes_figure1(tmp_path, capsys):
         assert torch.allclose(torch.as_tensor(d.data), w)
     cells = [t.get_text() for ax in fig.axes if ax.images for t in ax.texts]
     assert cells == [f"{float(v):.2f}" for w in expected for v in w.flatten()]
+
+
+@pytest.mark.parametrize("step", ["03_injectivity", "04_local_residual", "05_rank_augmentation"])
+def test_plot_into_a_file_is_a_clear_error(step, tmp_path, capsys):
+    f = tmp_path / "not_a_dir"
+    f.write_text("")
+    with pytest.raises(SystemExit):
+        load(step).main(["--plot", str(f)])
+    assert f"--plot {f}: exists and is not a directory" in capsys.readouterr().err
