@@ -226,6 +226,27 @@ def fmt_mb(b):
 # demo
 
 
+def exactness(n=197, seed=0):
+    """The numbers of the demo's part 1: how far torch's SDPA and the module are from the explicit
+    formula, and whether the weights are a distribution. Returns a dict of floats."""
+    g = torch.Generator().manual_seed(seed)
+    out = {"sdpa_vs_explicit": {}}
+    for dtype in (torch.float32, torch.float64):
+        q, k, v = torch.randn(3, 2, 3, n, 64, generator=g, dtype=dtype)  # (B, H, N, d) each
+        diff = (F.scaled_dot_product_attention(q, k, v) - softmax_attention(q, k, v)).abs().max()
+        out["sdpa_vs_explicit"][str(dtype)] = float(diff)
+    torch.manual_seed(seed)  # the module's initial weights
+    m = SoftmaxAttention(192, num_heads=3).double()
+    x = torch.randn(2, n, 192, generator=g, dtype=torch.float64)
+    with torch.no_grad():
+        q, k, v = m.split_heads(x)
+        ref = m.proj(softmax_attention(q, k, v).transpose(1, 2).reshape(2, n, 192))
+        w = softmax_attention_weights(q, k)                           # (B, H, N, N)
+        out.update(module_vs_explicit=float((m(x) - ref).abs().max()), weights_shape=tuple(w.shape),
+                   row_sum_error=float((w.sum(-1) - 1).abs().max()), all_positive=bool((w > 0).all()))
+    return out
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description="Step 01: softmax attention and its O(N^2) cost.")
     p.add_argument("--sizes", type=int, nargs="+", default=[197, 785, 3137, 12545],
@@ -236,19 +257,13 @@ def main(argv=None):
     args = p.parse_args(argv)
     torch.manual_seed(0)
 
+    r = exactness()
     print("1) The fused kernel (SDPA) computes the explicit formula softmax(q k^T / sqrt(d)) v")
-    for dtype in (torch.float32, torch.float64):
-        q, k, v = torch.randn(3, 2, 3, 197, 64, dtype=dtype)
-        diff = (F.scaled_dot_product_attention(q, k, v) - softmax_attention(q, k, v)).abs().max()
-        print(f"   {str(dtype):14s} max |SDPA - explicit| = {diff:.2e}")
-    m = SoftmaxAttention(192, num_heads=3).double()
-    x = torch.randn(2, 197, 192, dtype=torch.float64)
-    q, k, v = m.split_heads(x)
-    ref = m.proj(softmax_attention(q, k, v).transpose(1, 2).reshape(2, 197, 192))
-    print(f"   SoftmaxAttention(192, 3) module vs explicit, float64: {(m(x) - ref).abs().max():.2e}")
-    w = softmax_attention_weights(q, k)
-    print(f"   weights: shape {tuple(w.shape)}, rows sum to 1 (max error "
-          f"{(w.sum(-1) - 1).abs().max():.1e}), all positive: {bool((w > 0).all())}")
+    for dtype, diff in r["sdpa_vs_explicit"].items():
+        print(f"   {dtype:14s} max |SDPA - explicit| = {diff:.2e}")
+    print(f"   SoftmaxAttention(192, 3) module vs explicit, float64: {r['module_vs_explicit']:.2e}")
+    print(f"   weights: shape {r['weights_shape']}, rows sum to 1 (max error "
+          f"{r['row_sum_error']:.1e}), all positive: {r['all_positive']}")
 
     H, d = args.heads, args.head_dim
     print(f"\n2) Cost of the attention core, forward + backward, B=1, {H} heads x {d} channels,"
@@ -266,6 +281,7 @@ def main(argv=None):
         prev = (t_e, t_s)
     print("   Each step multiplies N by ~4: an O(N^2) cost grows ~16x. The explicit form stores the"
           "\n   N x N weights (and their gradient), so its memory grows ~16x too; SDPA streams them.")
+    return r
 
 
 if __name__ == "__main__":

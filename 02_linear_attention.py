@@ -97,6 +97,21 @@ class LinearAttention(softmax.SoftmaxAttention):
         return kv_buffer(feature_map(k, self.kernel), v)
 
 
+def associativity(n=197, d=32, seed=0):
+    """The numbers of the demo's part 1: {kernel: max |fast - N x N form|} in float64 (B=2, 6 heads),
+    and the multiply-adds per head of the two orders."""
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = torch.randn(3, 2, 6, n, d, generator=g, dtype=torch.float64)  # (B, H, N, d) each
+    diffs = {}
+    for kernel in KERNELS:
+        # identity: shift q, k so the denominator stays away from 0 (step 03 shows why it must)
+        qq, kk = (q + 1.0, k + 1.0) if kernel == "identity" else (q, k)
+        diffs[kernel] = float((linear_attention(qq, kk, v, kernel)
+                               - linear_attention_weights(qq, kk, kernel) @ v).abs().max())
+    return {"fast_vs_n_by_n": diffs, "multiply_adds": {"N x N form": 2 * n * n * d,
+                                                        "linear form": 2 * n * d * d}}
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description="Step 02: linear attention and the associativity "
                                             "trick, against softmax attention.")
@@ -109,17 +124,12 @@ def main(argv=None):
     args = p.parse_args(argv)
     torch.manual_seed(0)
 
+    r = associativity()
     print("1) Associativity: (phi(Q) phi(K)^T) V  ==  phi(Q) (phi(K)^T V), float64, N=197, d=32")
-    q, k, v = torch.randn(3, 2, 6, 197, 32, dtype=torch.float64)
-    for kernel in KERNELS:
-        # identity: shift q, k so the denominator stays away from 0 (step 03 shows why it must)
-        qq, kk = (q + 1.0, k + 1.0) if kernel == "identity" else (q, k)
-        diff = (linear_attention(qq, kk, v, kernel)
-                - linear_attention_weights(qq, kk, kernel) @ v).abs().max()
+    for kernel, diff in r["fast_vs_n_by_n"].items():
         print(f"   kernel {kernel:10s} max |fast - N x N form| = {diff:.1e}")
-    n, d = 197, 32
-    print(f"   multiply-adds per head: N x N form 2*N*N*d = {2 * n * n * d:,};"
-          f" linear form 2*N*d*d = {2 * n * d * d:,}")
+    print(f"   multiply-adds per head: N x N form 2*N*N*d = {r['multiply_adds']['N x N form']:,};"
+          f" linear form 2*N*d*d = {r['multiply_adds']['linear form']:,}")
 
     H, d = args.heads, args.head_dim
     print(f"\n2) Forward + backward of the attention core, B=1, {H} heads x {d} channels, "
@@ -142,6 +152,7 @@ def main(argv=None):
         print("   Linear attention was not faster at any measured N.")
     else:
         print(f"   Crossover: linear attention is faster from N = {crossover} on (of the N measured).")
+    return r
 
 
 if __name__ == "__main__":

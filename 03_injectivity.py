@@ -33,9 +33,12 @@ local residual of step 04.
 
 Run it to see the collisions, a confusion count in the spirit of the paper's Fig. 3, and that
 InLine's weights sum to 1, can be negative, and that its linear-time form equals the N x N form.
+`--plot DIR` also draws the paper's Fig. 1 (four keys and four queries in 2-D, and the weights
+softmax, linear and InLine attention give them) to DIR/fig1_injectivity.png.
 """
 import argparse
 import importlib
+import os
 
 import torch
 
@@ -116,6 +119,172 @@ def confusion_pairs(w, tol):
     return int(((dist < tol).sum() - w.shape[0]) // 2)  # off-diagonal pairs
 
 
+def collisions(k, generator):
+    """The numbers of the demo's first table, for keys k (N, d): max |w(q) - w(q')| for q vs 2q and
+    q vs q_neg (q's negative coordinates x5) per attention, and for the kernel ReLU(A x + b) a pair
+    of non-collinear queries with phi(q') = 2 phi(q)."""
+    n, d = k.shape
+    dt = k.dtype
+    q = torch.randn(1, d, generator=generator, dtype=dt)
+    q_neg = q.clone()
+    q_neg[q_neg < 0] *= 5.0   # change only the coordinates ReLU zeroes
+    A = torch.randn(d, d, generator=generator, dtype=dt) / d ** 0.5
+    b = 3.0 + torch.rand(d, generator=generator, dtype=dt)  # A q + b > 0 for typical q: ReLU(A q + b) = A q + b
+    q_ab = torch.linalg.solve(A, 2.0 * (A @ q[0] + b) - b)[None]  # phi(q_ab) = 2 phi(q)
+    pairs = {}
+    for name in NAMES:
+        w = weights_of(name, torch.cat([q, 2 * q, q_neg]), k)     # (3, N)
+        pairs[name] = {"q vs 2q": float((w[0] - w[1]).abs().max()),
+                       "q vs q_neg": float((w[0] - w[2]).abs().max())}
+    relu_ab = lambda x: torch.relu(x @ A.T + b)  # noqa: E731  the kernel ReLU(A x + b)
+    w_ab = weights_of("linear-identity", relu_ab(torch.cat([q, q_ab])), relu_ab(k))
+    w_sm = weights_of("softmax", torch.cat([q, q_ab]), k)
+    return {"pairs": pairs,
+            "relu_ab": {"cosine": float(torch.nn.functional.cosine_similarity(q, q_ab)),
+                        "linear": float((w_ab[0] - w_ab[1]).abs().max()),
+                        "softmax": float(w_sm.diff(dim=0).abs().max())}}
+
+
+def confusion_counts(k, directions, tol, generator, lengths=(0.5, 1.0, 2.0, 4.0)):
+    """{attention: number of pairs of queries with the same weights (L1 distance < tol)}, over
+    `directions` random unit directions times each of `lengths` (so every query is distinct)."""
+    d, dt = k.shape[-1], k.dtype
+    lengths = torch.tensor(lengths, dtype=dt)
+    u = torch.nn.functional.normalize(torch.randn(directions, d, generator=generator, dtype=dt), dim=-1)
+    queries = (u[:, None, :] * lengths[None, :, None]).reshape(-1, d)  # (M * L, d)
+    m = queries.shape[0]
+    return {"queries": m, "pairs": m * (m - 1) // 2, "lengths": lengths.tolist(),
+            "same direction pairs": directions * len(lengths) * (len(lengths) - 1) // 2,
+            "confused": {name: confusion_pairs(weights_of(name, queries, k), tol) for name in NAMES}}
+
+
+def inline_properties(k, generator):
+    """InLine's weights (identity kernel, s = d^-0.5 / N) for N random queries over keys k: their
+    largest row-sum error, share and minimum of negative weights, and the largest difference
+    between the linear-time form and the N x N form (B=2, 6 heads), all in k's dtype."""
+    n, d = k.shape
+    w = weights_of("inline-identity", torch.randn(n, d, generator=generator, dtype=k.dtype), k)
+    qq, kk, vv = torch.randn(3, 2, 6, n, d, generator=generator, dtype=k.dtype)  # (B, H, N, d)
+    s = d ** -0.5 / n
+    fast = inline_attention(qq, kk, vv, scale=s)
+    slow = inline_attention_weights(qq, kk, scale=s) @ vv
+    return {"row_sum_error": float((w.sum(-1) - 1).abs().max()),
+            "negative_share": float((w < 0).double().mean()), "min": float(w.min()),
+            "uniform": 1 / n, "fast_vs_n_by_n": float((fast - slow).abs().max())}
+
+
+# ----------------------------------------------------------------------------------------------
+# the paper's Fig. 1: four keys and four queries in 2-D
+
+
+FIG1_KEYS = [[1.0, -0.5], [0.0, 1.0], [1.0, 1.0], [-1.0, 0.5]]
+FIG1_LENGTHS = [0.5, 1.0, 2.0, 4.0]  # c_i: the queries are c_i q (a) or A^-1(c_i (A q + b) - b) (b)
+
+
+def figure1():
+    """The weights of the paper's Fig. 1 example, in 2-D with 4 keys. (a) phi = ReLU and the
+    collinear queries q_i = c_i q; (b) phi(x) = ReLU(A x + b) and the non-collinear queries
+    q_i = A^-1(c_i (A q + b) - b), so that phi(q_i) = c_i phi(q). For each: the (4, 4) weights of
+    softmax (no kernel), linear attention and InLine (eq. 5, the module's s = d^-0.5 / N), both
+    with that phi; rows are queries, columns keys."""
+    dt = torch.float64
+    k = torch.tensor(FIG1_KEYS, dtype=dt)                     # (4, 2)
+    c = torch.tensor(FIG1_LENGTHS, dtype=dt)[:, None]         # (4, 1)
+    A = torch.tensor([[1.0, 0.5], [-0.5, 1.0]], dtype=dt)
+    b = torch.tensor([1.0, 1.0], dtype=dt)
+    relu_ab = lambda x: torch.relu(x @ A.T + b)  # noqa: E731  phi(x) = ReLU(A x + b)
+    q_a = c * torch.tensor([1.0, 0.5], dtype=dt)                                   # (4, 2)
+    q_b = torch.linalg.solve(A, (c * (A @ torch.tensor([1.0, 0.0], dtype=dt) + b) - b).T).T
+    out = {}
+    for key, q, phi, label in [("a", q_a, torch.relu, "ReLU(x)"), ("b", q_b, relu_ab, "ReLU(Ax + b)")]:
+        out[key] = {"kernel": label, "queries": q, "keys": k, "weights": {
+            "softmax": weights_of("softmax", q, k),
+            "linear": weights_of("linear-identity", phi(q), phi(k)),   # phi applied above
+            "InLine": weights_of("inline-identity", phi(q), phi(k))}}
+    out["b"]["A"], out["b"]["b"] = A, b
+    return out
+
+
+def row_spread(w):
+    """Largest difference between two rows of w: 0 when every query gets the same weights."""
+    return float((w[:, None, :] - w[None, :, :]).abs().max())
+
+
+def plot_figure1(fig1, path):
+    """Fig. 1 as a PNG: per setting, the queries and keys in the plane and the three weight maps
+    with their values in the cells. Returns the matplotlib Figure (already saved and closed)."""
+    import matplotlib
+    matplotlib.use("Agg")  # files only, no window
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 4, figsize=(13, 7.6), dpi=100, layout="constrained",
+                             gridspec_kw={"width_ratios": [1.1, 1, 1, 1]})
+    colors = ["tab:blue", "tab:orange", "tab:green", "tab:red"]
+    for row, (key, setting) in enumerate(fig1.items()):
+        q, k = setting["queries"], setting["keys"]
+        ax = axes[row, 0]
+        for j, kj in enumerate(k.tolist()):
+            ax.annotate("", kj, (0, 0), arrowprops=dict(arrowstyle="->", color="0.4", lw=1.5))
+            at = torch.tensor(kj) * (1 + 0.3 / torch.tensor(kj).norm())  # just past the arrow's tip
+            ax.text(*at.tolist(), f"k{j + 1}", color="0.3", ha="center", va="center", fontsize=10)
+        for i, qi in enumerate(q.tolist()):
+            ax.plot(*qi, "o", color=colors[i], ms=8, label=f"q{i + 1} = ({qi[0]:.2f}, {qi[1]:.2f})")
+            ax.text(qi[0] + 0.15, qi[1] - 0.35, f"q{i + 1}", color=colors[i], fontsize=10)
+        start = torch.zeros(2, dtype=q.dtype) if key == "a" else q[0] - 0.3 * (q[-1] - q[0])
+        ax.plot(*torch.stack([start, q[-1]]).T.tolist(), ":", color="0.6", lw=1)  # the queries' line
+        pts = torch.cat([q, k, torch.zeros(1, 2, dtype=q.dtype)])
+        lo, hi = pts.min(0).values - 0.6, pts.max(0).values + 0.6
+        ax.set_xlim(float(lo[0]), float(hi[0]))
+        ax.set_ylim(float(lo[1]), float(hi[1]))
+        ax.axhline(0, color="0.85", lw=0.8, zorder=0)
+        ax.axvline(0, color="0.85", lw=0.8, zorder=0)
+        ax.set_xlabel("coordinate 1")
+        ax.set_ylabel("coordinate 2")
+        ax.legend(fontsize=8, loc="upper left")
+        kind = "q_i = c_i q: collinear" if key == "a" else "q_i = A^-1(c_i(Aq + b) - b): not collinear"
+        ax.set_title(f"({key}) phi(x) = {setting['kernel']}\n{kind}", fontsize=10)
+        maps = setting["weights"]
+        lo = min(float(w.min()) for w in maps.values())
+        hi = max(float(w.max()) for w in maps.values())
+        for col, (name, w) in enumerate(maps.items(), start=1):
+            ax = axes[row, col]
+            im = ax.imshow(w.numpy(), cmap="viridis", vmin=lo, vmax=hi)
+            for i in range(w.shape[0]):
+                for j in range(w.shape[1]):
+                    val = float(w[i, j])
+                    dark = val < lo + 0.55 * (hi - lo)
+                    ax.text(j, i, f"{val:.2f}", ha="center", va="center", fontsize=10,
+                            color="white" if dark else "black")
+            ax.set_xticks(range(w.shape[1]), [f"k{j + 1}" for j in range(w.shape[1])])
+            ax.set_yticks(range(w.shape[0]), [f"q{i + 1}" for i in range(w.shape[0])])
+            ax.set_xlabel("key")
+            ax.set_ylabel("query")
+            phi = "" if name == "softmax" else f", phi = {setting['kernel']}"
+            spread = row_spread(w)
+            verdict = "rows identical: confused" if spread < 1e-9 else "rows distinct"
+            ax.set_title(f"{name}{phi}\n{verdict} (max diff {spread:.2f})", fontsize=10)
+        fig.colorbar(im, ax=axes[row, 1:].tolist(), shrink=0.9, label="attention weight w_ij")
+    fig.suptitle("InLine's Fig. 1: linear attention gives different queries the same weights;"
+                 " softmax and InLine (eq. 5) do not.\nEach row of a map is one query's weights"
+                 " over the 4 keys (it sums to 1; InLine's can be negative).", fontsize=11)
+    save_png(fig, path)
+    plt.close(fig)
+    return fig
+
+
+def save_png(fig, path, colors=256):
+    """Save a matplotlib figure as a small PNG: rendered at the figure's dpi, then reduced to a
+    palette of `colors` (a few tens of KB instead of a few hundred). Steps 04 and 05 use it too."""
+    import io
+    from PIL import Image  # installed with matplotlib
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    Image.open(buf).convert("RGB").quantize(colors).save(path, optimize=True)
+
+
+NAMES = ["softmax", "linear-relu", "linear-identity", "inline-identity", "inline-relu"]
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description="Step 03: injectivity of softmax, linear and "
                                             "InLine attention.")
@@ -125,54 +294,54 @@ def main(argv=None):
     p.add_argument("--tol", type=float, default=1e-3, help="L1 distance below which two "
                    "attention distributions count as the same (the rows sum to 1)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--plot", metavar="DIR", help="also write the paper's Fig. 1 as "
+                   "DIR/fig1_injectivity.png (needs matplotlib)")
     args = p.parse_args(argv)
-    torch.manual_seed(args.seed)
+    if args.plot and os.path.exists(args.plot) and not os.path.isdir(args.plot):
+        p.error(f"--plot {args.plot}: exists and is not a directory")
+    g = torch.Generator().manual_seed(args.seed)
     n, d = args.tokens, args.dim
-    dt = torch.float64
-    k = torch.randn(n, d, dtype=dt)  # one head's keys
-    names = ["softmax", "linear-relu", "linear-identity", "inline-identity", "inline-relu"]
+    k = torch.randn(n, d, generator=g, dtype=torch.float64)  # one head's keys
 
+    col = collisions(k, g)
     print(f"N = {n} random keys, d = {d}; max |w(q) - w(q')| over the N weights of each pair:")
-    q = torch.randn(1, d, dtype=dt)
-    q_neg = q.clone()
-    q_neg[q_neg < 0] *= 5.0   # change only the coordinates ReLU zeroes
-    A = torch.randn(d, d, dtype=dt) / d ** 0.5
-    b = 3.0 + torch.rand(d, dtype=dt)  # A q + b > 0 for typical q, so ReLU(A q + b) = A q + b
-    q_ab = torch.linalg.solve(A, 2.0 * (A @ q[0] + b) - b)[None]  # phi(q_ab) = 2 phi(q)
-    cos = float(torch.nn.functional.cosine_similarity(q, q_ab))
     print(f"   {'attention':18s} {'q vs 2q':>10} {'q vs q_neg':>11}  (q_neg: negative coordinates x5)")
-    for name in names:
-        w = weights_of(name, torch.cat([q, 2 * q, q_neg]), k)
-        print(f"   {name:18s} {(w[0] - w[1]).abs().max():>10.2e} {(w[0] - w[2]).abs().max():>11.2e}")
+    for name, pair in col["pairs"].items():
+        print(f"   {name:18s} {pair['q vs 2q']:>10.2e} {pair['q vs q_neg']:>11.2e}")
     print("   (InLine with the ReLU kernel still confuses q and q_neg: phi = ReLU itself forgets"
           "\n   the negative coordinates, which is why InLine uses the identity kernel.)")
-    relu_ab = lambda x: torch.relu(x @ A.T + b)  # noqa: E731  the kernel ReLU(A x + b)
-    w_ab = weights_of("linear-identity", relu_ab(torch.cat([q, q_ab])), relu_ab(k))
-    print(f"   kernel ReLU(A x + b): q and q' = A^-1(2(Aq + b) - b) (cosine {cos:+.2f}, not collinear)"
-          f"\n   get linear-attention weights differing by {(w_ab[0] - w_ab[1]).abs().max():.2e};"
-          f" softmax: {(weights_of('softmax', torch.cat([q, q_ab]), k).diff(dim=0)).abs().max():.2e}")
+    ab = col["relu_ab"]
+    print(f"   kernel ReLU(A x + b): q and q' = A^-1(2(Aq + b) - b) (cosine {ab['cosine']:+.2f}, not collinear)"
+          f"\n   get linear-attention weights differing by {ab['linear']:.2e}; softmax: {ab['softmax']:.2e}")
 
-    lengths = torch.tensor([0.5, 1.0, 2.0, 4.0], dtype=dt)
-    m = args.directions
-    u = torch.nn.functional.normalize(torch.randn(m, d, dtype=dt), dim=-1)
-    queries = (u[:, None, :] * lengths[None, :, None]).reshape(-1, d)  # (M * 4, d)
-    total = queries.shape[0] * (queries.shape[0] - 1) // 2
-    print(f"\nConfusion count (in the spirit of Fig. 3): {queries.shape[0]} distinct queries ="
-          f" {m} directions x lengths {lengths.tolist()};\n   pairs of them whose attention"
-          f" distributions are the same (L1 distance < {args.tol:g}), of {total} pairs:")
-    for name in names:
-        print(f"   {name:18s} {confusion_pairs(weights_of(name, queries, k), args.tol):>6}")
-    print(f"   ({m} x 6 = {m * 6} pairs share a direction: exactly what a scale-blind map confuses)")
+    conf = confusion_counts(k, args.directions, args.tol, g)
+    print(f"\nConfusion count (in the spirit of Fig. 3): {conf['queries']} distinct queries ="
+          f" {args.directions} directions x lengths {conf['lengths']};\n   pairs of them whose attention"
+          f" distributions are the same (L1 distance < {args.tol:g}), of {conf['pairs']} pairs:")
+    for name, count in conf["confused"].items():
+        print(f"   {name:18s} {count:>6}")
+    print(f"   ({args.directions} x 6 = {conf['same direction pairs']} pairs share a direction:"
+          f" exactly what a scale-blind map confuses)")
 
-    w = weights_of("inline-identity", torch.randn(n, d, dtype=dt), k)  # N queries over N keys
-    qq, kk, vv = torch.randn(3, 2, 6, n, d, dtype=dt)
-    s = d ** -0.5 / n
-    fast = inline_attention(qq, kk, vv, scale=s)
-    slow = inline_attention_weights(qq, kk, scale=s) @ vv
+    props = inline_properties(k, g)
     print(f"\nInLine weights (identity kernel, s = d^-0.5 / N): rows sum to 1 (max error"
-          f" {(w.sum(-1) - 1).abs().max():.1e}),\n   yet {100 * float((w < 0).double().mean()):.0f}%"
-          f" of them are negative (min {w.min():.2e}, uniform 1/N = {1 / n:.2e});"
-          f"\n   linear-time form vs N x N form, float64: max difference {(fast - slow).abs().max():.1e}")
+          f" {props['row_sum_error']:.1e}),\n   yet {100 * props['negative_share']:.0f}%"
+          f" of them are negative (min {props['min']:.2e}, uniform 1/N = {props['uniform']:.2e});"
+          f"\n   linear-time form vs N x N form, float64: max difference {props['fast_vs_n_by_n']:.1e}")
+    out = {"collisions": col, "confusion": conf, "inline": props}
+
+    if args.plot:
+        os.makedirs(args.plot, exist_ok=True)
+        out["figure1"] = fig1 = figure1()
+        path = os.path.join(args.plot, "fig1_injectivity.png")
+        out["figures"] = {path: plot_figure1(fig1, path)}
+        print(f"\nFig. 1 (2-D, 4 keys, 4 queries with phi(q_i) = c_i phi(q), c = {FIG1_LENGTHS}):"
+              f" largest difference between two queries' weights")
+        for key, setting in fig1.items():
+            print(f"   ({key}) phi(x) = {setting['kernel']:13s} " + "  ".join(
+                f"{name} {row_spread(w):.2f}" for name, w in setting["weights"].items()))
+        print(f"   wrote {path}")
+    return out
 
 
 if __name__ == "__main__":

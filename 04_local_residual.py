@@ -26,10 +26,13 @@ The module reads the grid from N: N = H*W, or N = 1 + H*W with a class token fir
 
 Run it to see the local attention mass of softmax, linear and InLine attention on token maps
 whose neighbours are alike (as an image's are), and the parameter count of InLine-DeiT-T.
+`--plot DIR` also draws one query's attention map for each (DIR/attention_maps.png) and the
+table as bars (DIR/local_mass.png).
 """
 import argparse
 import importlib
 import math
+import os
 
 import torch
 import torch.nn as nn
@@ -122,16 +125,148 @@ def smooth_tokens(side, dim, blur, generator):
     return x.reshape(dim, side * side).T
 
 
+NAMES = ["softmax", "linear-relu", "linear-elu", "inline-identity"]  # step 03's weights_of names
+WINDOWS = (3, 5, 7)
+
+
+def smooth_map_tokens(side, dim, blur, generator):
+    """(1 + side*side, dim) tokens: a random class token, then a smooth_tokens map."""
+    return torch.cat([torch.randn(1, dim, generator=generator, dtype=torch.float64),
+                      smooth_tokens(side, dim, blur, generator)])  # (N, d)
+
+
+def local_mass_table(side=14, dim=32, samples=8, seed=0, names=NAMES, blurs=(0, 4)):
+    """The demo's table: for each attention and blur, the mean weight of a patch query on its own
+    token ('self') and its local attention mass in each window of WINDOWS, on q = k = the tokens
+    of `samples` random maps (step 03's weights_of). Returns {"n", "uniform", "rows"}."""
+    g = torch.Generator().manual_seed(seed)
+    n = side * side + 1  # with a class token
+    rows = []
+    for blur in blurs:
+        for name in names:
+            masses, own = {win: 0.0 for win in WINDOWS}, 0.0
+            for _ in range(samples):
+                tok = smooth_map_tokens(side, dim, blur, g)                 # (N, d)
+                w = injective.weights_of(name, tok, tok)                    # (N, N)
+                own += float(w.diagonal()[1:].mean()) / samples
+                for win in masses:
+                    masses[win] += float(local_attention_mass(w, win).mean()) / samples
+            rows.append({"attention": name, "blur": blur, "self": own, "mass": masses})
+    return {"n": n, "uniform": {win: win * win / n for win in WINDOWS}, "rows": rows}
+
+
+def inline_parameters(seed=0):
+    """InLineAttention(192, 6 heads)'s parameters beyond SoftmaxAttention(192, 3)'s, per part, the
+    DeiT-T total they give, and the shapes of the residual branch's output and the module's."""
+    torch.manual_seed(seed)  # the modules' initial weights and the input
+    sm, inl = softmax.SoftmaxAttention(192, num_heads=3), InLineAttention(192, num_heads=6)
+    extra = sum(p.numel() for p in inl.parameters()) - sum(p.numel() for p in sm.parameters())
+    x = torch.randn(2, 197, 192)
+    with torch.no_grad():
+        r, y = inl.residual(x.mean(dim=1)[:, :, None]), inl(x)
+    return {"extra": extra, "residual.0": sum(p.numel() for p in inl.residual[0].parameters()),
+            "residual.2": sum(p.numel() for p in inl.residual[2].parameters()),
+            "deit_t": 5_717_416 + 12 * extra, "x": tuple(x.shape), "kernels": tuple(r.shape),
+            "out": tuple(y.shape)}
+
+
+def query_maps(side=14, dim=32, blur=4, seed=0, query=None, names=NAMES):
+    """One patch query's weights over the side x side patches, for each attention, on one smooth
+    map (q = k = tokens). query: (row, col), the centre by default. Returns {"query", "maps":
+    {name: (side, side)}, "cls": {name: weight on the class token}, "mass": {name: {win: mass}}}."""
+    g = torch.Generator().manual_seed(seed)
+    row, col = (side // 2, side // 2) if query is None else query
+    i = 1 + row * side + col                       # the query's token (class token first)
+    tok = smooth_map_tokens(side, dim, blur, g)    # (N, d)
+    out = {"query": (row, col), "maps": {}, "cls": {}, "mass": {}}
+    for name in names:
+        w = injective.weights_of(name, tok, tok)   # (N, N)
+        out["maps"][name] = w[i, 1:].reshape(side, side)
+        out["cls"][name] = float(w[i, 0])
+        out["mass"][name] = {win: float(local_attention_mass(w, win)[i - 1]) for win in WINDOWS}
+    return out
+
+
+def plot_attention_maps(qm, path):
+    """The query's weights on the grid, one panel per attention, its 3x3 window outlined."""
+    import matplotlib
+    matplotlib.use("Agg")  # files only, no window
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Rectangle
+
+    names = list(qm["maps"])
+    fig, axes = plt.subplots(1, len(names), figsize=(3.6 * len(names), 3.9), dpi=100,
+                             layout="constrained")
+    r, c = qm["query"]
+    for ax, name in zip(axes, names):
+        w = qm["maps"][name]
+        im = ax.imshow(w.numpy(), cmap="magma")
+        ax.add_patch(Rectangle((c - 1.5, r - 1.5), 3, 3, fill=False, ec="cyan", lw=1.5))
+        ax.plot(c, r, "+", color="cyan", ms=8)
+        ax.set_title(f"{name}\n3x3 mass {qm['mass'][name][3]:.2f} (uniform {9 / (w.numel() + 1):.2f})",
+                     fontsize=9)
+        ax.set_xticks(range(0, w.shape[1], 2))
+        ax.set_yticks(range(0, w.shape[0], 2))
+        ax.set_xlabel("patch column")
+        ax.set_ylabel("patch row")
+        fig.colorbar(im, ax=ax, shrink=0.75, label="weight w_ij")
+    side = qm["maps"][names[0]].shape[0]
+    fig.suptitle(f"Attention weights of one query (+, its 3x3 window outlined) over a {side}x{side}"
+                 f" token map whose neighbours are alike (q = k = tokens);\neach panel has its own"
+                 f" colour scale: softmax is local, the kernel forms spread their weight", fontsize=10)
+    injective.save_png(fig, path)
+    plt.close(fig)
+    return fig
+
+
+def plot_local_mass(table, path):
+    """The demo's table as bars: local attention mass per attention and window, per blur, with
+    the uniform baseline window**2 / N."""
+    import matplotlib
+    matplotlib.use("Agg")  # files only, no window
+    import matplotlib.pyplot as plt
+
+    blurs = sorted({row["blur"] for row in table["rows"]})
+    fig, axes = plt.subplots(1, len(blurs), figsize=(6 * len(blurs), 3.9), dpi=100,
+                             layout="constrained", sharey=True)
+    colors = {3: "tab:blue", 5: "tab:orange", 7: "tab:green"}
+    for ax, blur in zip(axes, blurs):
+        rows = [row for row in table["rows"] if row["blur"] == blur]
+        for j, win in enumerate(WINDOWS):
+            x = [i + (j - 1) * 0.27 for i in range(len(rows))]
+            ax.bar(x, [row["mass"][win] for row in rows], width=0.27, color=colors[win],
+                   label=f"{win}x{win} window")
+            ax.hlines(table["uniform"][win], -0.5, len(rows) - 0.5, colors=colors[win],
+                      linestyles="--", lw=1)
+        ax.set_xticks(range(len(rows)), [row["attention"] for row in rows])
+        ax.set_xlim(-0.5, len(rows) - 0.5)
+        ax.set_ylim(0, 1)
+        ax.set_ylabel("local attention mass")
+        ax.set_xlabel("attention weights (inline: eq. 5, without its local residual)")
+        what = "plain noise, no spatial structure" if blur == 0 else "neighbours alike, as in an image"
+        ax.set_title(f"blur {blur}: {what}", fontsize=10)
+    axes[0].legend(fontsize=8, loc="upper right", title="dashed: uniform k*k/N", title_fontsize=8)
+    fig.suptitle("Share of a patch query's attention in its k x k neighbourhood (InLine Fig. 4's"
+                 " measure), mean over queries and maps", fontsize=11)
+    injective.save_png(fig, path)
+    plt.close(fig)
+    return fig
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description="Step 04: local attention mass and InLine attention.")
     p.add_argument("--side", type=int, default=14, help="grid side (14: DeiT at 224 px)")
     p.add_argument("--dim", type=int, default=32, help="head dimension d")
     p.add_argument("--samples", type=int, default=8, help="random token maps to average over")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--plot", metavar="DIR", help="also write DIR/attention_maps.png and "
+                   "DIR/local_mass.png (needs matplotlib)")
     args = p.parse_args(argv)
-    g = torch.Generator().manual_seed(args.seed)
+    if args.plot and os.path.exists(args.plot) and not os.path.isdir(args.plot):
+        p.error(f"--plot {args.plot}: exists and is not a directory")
     side, d = args.side, args.dim
-    n = side * side + 1  # with a class token
+    table = local_mass_table(side, d, args.samples, args.seed)
+    n = table["n"]
 
     print(f"Local attention mass (paper Fig. 4): the share of each patch query's attention that falls"
           f"\nin its w x w neighbourhood, on {side}x{side} token maps + a class token (N = {n}), q = k ="
@@ -139,38 +274,37 @@ def main(argv=None):
           f" are alike, as in an\nimage (noise blurred 4 times); 'blur 0': plain noise, no spatial"
           f" structure. 'self': weight on the query's own token.")
     print(f"   {'attention':16s} {'blur':>4} | {'self':>5} | "
-          + " | ".join(f"{win}x{win} mass (x uniform)" for win in (3, 5, 7)))
-    for blur in (0, 4):
-        for name in ["softmax", "linear-relu", "linear-elu", "inline-identity"]:
-            masses, own = {3: 0.0, 5: 0.0, 7: 0.0}, 0.0
-            for _ in range(args.samples):
-                tok = torch.cat([torch.randn(1, d, generator=g, dtype=torch.float64),
-                                 smooth_tokens(side, d, blur, g)])          # (N, d)
-                w = injective.weights_of(name, tok, tok)                    # (N, N)
-                own += float(w.diagonal()[1:].mean()) / args.samples
-                for win in masses:
-                    masses[win] += float(local_attention_mass(w, win).mean()) / args.samples
-            print(f"   {name:16s} {blur:>4} | {own:>5.3f} | " + " | ".join(
-                f"{masses[win]:>8.3f} (x{masses[win] / (win * win / n):>5.1f}) " for win in masses))
-    print(f"   uniform baseline k*k/N: 3x3 {9 / n:.3f}, 5x5 {25 / n:.3f}, 7x7 {49 / n:.3f}"
+          + " | ".join(f"{win}x{win} mass (x uniform)" for win in WINDOWS))
+    for row in table["rows"]:
+        masses = row["mass"]
+        print(f"   {row['attention']:16s} {row['blur']:>4} | {row['self']:>5.3f} | " + " | ".join(
+            f"{masses[win]:>8.3f} (x{masses[win] / table['uniform'][win]:>5.1f}) " for win in masses))
+    u = table["uniform"]
+    print(f"   uniform baseline k*k/N: 3x3 {u[3]:.3f}, 5x5 {u[5]:.3f}, 7x7 {u[7]:.3f}"
           f" (a little less at the border)."
           f"\n   Softmax's exp() turns 'my neighbours look like me' into most of the mass; the kernel"
           f"\n   forms gain far less from the same structure (ELU+1 almost nothing), and with no"
           f"\n   structure only softmax still concentrates (on the query itself). InLine therefore adds"
           f"\n   locality explicitly, with its 3x3 local residual:")
 
-    torch.manual_seed(args.seed)
-    sm, inl = softmax.SoftmaxAttention(192, num_heads=3), InLineAttention(192, num_heads=6)
-    extra = sum(p.numel() for p in inl.parameters()) - sum(p.numel() for p in sm.parameters())
-    print(f"\nInLineAttention(192, 6 heads) adds {extra:,} parameters per block (residual.0:"
-          f" {sum(p.numel() for p in inl.residual[0].parameters()):,}, residual.2:"
-          f" {sum(p.numel() for p in inl.residual[2].parameters()):,});"
-          f"\n   DeiT-T 5,717,416 + 12 x {extra:,} = {5_717_416 + 12 * extra:,} parameters"
+    par = inline_parameters(args.seed)
+    print(f"\nInLineAttention(192, 6 heads) adds {par['extra']:,} parameters per block (residual.0:"
+          f" {par['residual.0']:,}, residual.2: {par['residual.2']:,});"
+          f"\n   DeiT-T 5,717,416 + 12 x {par['extra']:,} = {par['deit_t']:,} parameters"
           f" (InLine-DeiT-T: 6,477,736).")
-    x = torch.randn(2, 197, 192)
-    r = inl.residual(x.mean(dim=1)[:, :, None])
-    print(f"   For x of shape {tuple(x.shape)} the residual branch predicts {tuple(r.shape)}:"
-          f" one 3x3 kernel per sample and channel; out {tuple(inl(x).shape)}.")
+    print(f"   For x of shape {par['x']} the residual branch predicts {par['kernels']}:"
+          f" one 3x3 kernel per sample and channel; out {par['out']}.")
+    out = {"table": table, "parameters": par}
+
+    if args.plot:
+        os.makedirs(args.plot, exist_ok=True)
+        out["query_maps"] = qm = query_maps(side, d, 4, args.seed)
+        paths = [os.path.join(args.plot, f) for f in ("attention_maps.png", "local_mass.png")]
+        out["figures"] = {paths[0]: plot_attention_maps(qm, paths[0]),
+                          paths[1]: plot_local_mass(table, paths[1])}
+        print(f"\nwrote {paths[0]} (query at row {qm['query'][0]}, column {qm['query'][1]}; 3x3 mass "
+              + ", ".join(f"{name} {m[3]:.2f}" for name, m in qm["mass"].items()) + f")\nwrote {paths[1]}")
+    return out
 
 
 if __name__ == "__main__":

@@ -41,9 +41,12 @@ normalisation or make a denominator vanish.) Each part is a constructor flag; wi
 reweight=False, gate=False it computes exactly what InLineAttention computes.
 
 Run it for the rank tables; `--bench` for the speed / memory table of every module of steps 01-05.
+`--plot DIR` also draws the singular values behind the tables: the KV buffers, plain and
+re-weighted (DIR/kv_spectra.png), and each module's output (DIR/output_spectra.png).
 """
 import argparse
 import importlib
+import os
 
 import torch
 import torch.nn as nn
@@ -240,53 +243,160 @@ def background_scene(n, d, objects, generator):
     return q[None, None], k[None, None], v[None, None]
 
 
-def ranks(m, rtol):
-    return f"{int(numerical_rank(m, rtol)):>4d} {float(effective_rank(m)):>7.2f}"
+def rank_of(m, rtol):
+    """{"numerical", "effective", "singular_values"} of one matrix (singular values descending)."""
+    return {"numerical": int(numerical_rank(m, rtol)), "effective": float(effective_rank(m)),
+            "singular_values": torch.linalg.svdvals(m.double())}
+
+
+def ranks(r):
+    """A rank_of result as the tables print it: numerical rank, then effective rank."""
+    return f"{r['numerical']:>4d} {r['effective']:>7.2f}"
+
+
+def rank_scenes(n, d, objects, generator):
+    """The two one-head scenes of the tables: {name: (q, k, v)}, each (1, 1, n, d)."""
+    return {"random tokens": tuple(torch.randn(3, 1, 1, n, d, generator=generator, dtype=torch.float64)),
+            f"background + {objects} objects": background_scene(n, d, objects, generator)}
+
+
+def kv_buffer_ranks(scenes, rtol):
+    """Table 1: {scene: {"plain": sum_j phi(k_j) v_j^T, "alpha": sum_j alpha_j phi(k_j) v_j^T}},
+    phi = ELU + 1, each as rank_of."""
+    elu = lambda x: linear.feature_map(x, "elu")  # noqa: E731
+    out = {}
+    for name, (q, k, v) in scenes.items():
+        plain = linear.kv_buffer(elu(k), v)                               # (1, 1, d, d)
+        alpha = linear.kv_buffer(reweighted_keys(elu(q), elu(k)), v)      # (1, 1, d, d)
+        out[name] = {"plain": rank_of(plain[0, 0], rtol), "alpha": rank_of(alpha[0, 0], rtol)}
+    return out
+
+
+def head_output_ranks(scenes, rtol):
+    """Table 2: {attention: {scene: rank_of(the N x d output of one head)}}."""
+    fns = {"softmax": softmax.softmax_attention,
+           "linear (ELU+1)": lambda q, k, v: linear.linear_attention(q, k, v, "elu"),
+           "InLine": lambda q, k, v: injective.inline_attention(q, k, v, scale=q.shape[-1] ** -0.5
+                                                                / q.shape[-2]),
+           "RALA": rala_attention}
+    return {name: {scene: rank_of(fn(*qkv)[0, 0], rtol) for scene, qkv in scenes.items()}
+            for name, fn in fns.items()}
+
+
+MODULE_VARIANTS = [(k, cls, {}) for k, cls in ATTENTIONS.items()] + [
+    ("final, reweight off", RankAugmentedInLineAttention, {"reweight": False}),
+    ("final, gate off", RankAugmentedInLineAttention, {"gate": False}),
+    ("final, local off", RankAugmentedInLineAttention, {"local": False})]
+
+
+def module_output_ranks(x, seed, rtol):
+    """Table 3: {module: rank_of(its N x C output on x (1, N, C))}, every module freshly
+    initialised from the same seed (so they share the qkv / proj weights)."""
+    out = {}
+    for name, cls, kw in MODULE_VARIANTS:
+        torch.manual_seed(seed)  # the same qkv / proj weights for every module
+        with torch.no_grad():
+            y = cls(x.shape[-1], num_heads=6, **kw).double()(x)[0]   # (N, C)
+        out[name] = rank_of(y, rtol)
+    return out
+
+
+def plot_kv_spectra(kv, rtol, path):
+    """The KV buffers' singular values, plain vs alpha-re-weighted, one panel per scene."""
+    import matplotlib
+    matplotlib.use("Agg")  # files only, no window
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(kv), figsize=(5.5 * len(kv), 3.9), dpi=100,
+                             layout="constrained", sharey=True)
+    for ax, (scene, pair) in zip(axes, kv.items()):
+        for key, label, color in [("plain", "sum_j phi(k_j) v_j^T", "tab:blue"),
+                                  ("alpha", "sum_j alpha_j phi(k_j) v_j^T (RALA)", "tab:red")]:
+            r = pair[key]
+            sv = r["singular_values"] / r["singular_values"][0]
+            ax.semilogy(range(1, len(sv) + 1), sv, marker=".", color=color,
+                        label=f"{label}: rank {r['numerical']}, eff. {r['effective']:.2f}")
+        ax.axhline(rtol, color="0.5", ls=":", lw=1, label=f"rtol {rtol:g} (numerical rank)")
+        ax.set_title(scene, fontsize=10)
+        ax.set_xlabel("singular value index i")
+        ax.set_ylabel("sigma_i / sigma_1")
+        ax.legend(fontsize=8, loc="lower left")
+    d = len(next(iter(kv.values()))["plain"]["singular_values"])
+    fig.suptitle(f"Singular values of one head's d x d KV buffer (phi = ELU + 1, d = {d}): alpha"
+                 f" re-weighting spreads the spectrum where many tokens look alike,\nnot on random"
+                 f" tokens (effective rank: exp of the entropy of the normalised singular values)",
+                 fontsize=10)
+    injective.save_png(fig, path)
+    plt.close(fig)
+    return fig
+
+
+def plot_output_spectra(mods, rtol, path):
+    """Each module's N x C output's singular values: the six modules, and the final module with
+    each of its parts off."""
+    import matplotlib
+    matplotlib.use("Agg")  # files only, no window
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.9), dpi=100, layout="constrained", sharey=True)
+    panels = [("the modules of steps 01-05", [name for name in mods if not name.startswith("final,")]),
+              ("the final module with one part off", ["final"] + [n for n in mods if n.startswith("final,")])]
+    for ax, (title, names) in zip(axes, panels):
+        for name in names:
+            r = mods[name]
+            sv = r["singular_values"] / r["singular_values"][0]
+            ax.semilogy(range(1, len(sv) + 1), sv, lw=1.5, ls="--" if name == "final, reweight off" else "-",
+                        label=f"{name}: rank {r['numerical']}, eff. {r['effective']:.1f}")
+        ax.axhline(rtol, color="0.5", ls=":", lw=1, label=f"rtol {rtol:g}")
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("singular value index i")
+        ax.set_ylabel("sigma_i / sigma_1")
+        ax.legend(fontsize=7.5, loc="lower left")
+    fig.suptitle("Singular values of each module's N x C output (untrained, 6 heads, C = 192, on a"
+                 " smooth 14x14 token map + class token)", fontsize=11)
+    injective.save_png(fig, path)
+    plt.close(fig)
+    return fig
 
 
 def show_ranks(args):
     g = torch.Generator().manual_seed(args.seed)
     n, d, rtol = args.tokens, args.head_dim, args.rtol
-    elu = lambda x: linear.feature_map(x, "elu")  # noqa: E731
-    scenes = {"random tokens": tuple(torch.randn(3, 1, 1, n, d, generator=g, dtype=torch.float64)),
-              f"background + {args.objects} objects": background_scene(n, d, args.objects, g)}
+    scenes = rank_scenes(n, d, args.objects, g)
     print(f"Rank = numerical rank (singular values > {rtol:g} x the largest) and effective rank"
           f"\n(exp of the entropy of the normalised singular values). One head, N = {n}, d = {d}.")
     print(f"\n1) The d x d KV buffer, phi = ELU + 1 (max rank {d})")
     print(f"   {'scene':28s} | {'sum_j phi(k_j) v_j^T':>21} | {'sum_j alpha_j phi(k_j) v_j^T':>28}")
-    for name, (q, k, v) in scenes.items():
-        alpha = rala_token_weights(elu(q), elu(k))
-        kv_lin = elu(k).transpose(-2, -1) @ v
-        kv_rala = (elu(k) * alpha[..., None]).transpose(-2, -1) @ v
-        print(f"   {name:28s} | {'':>9}{ranks(kv_lin, rtol)} | {'':>16}{ranks(kv_rala, rtol)}")
+    kv = kv_buffer_ranks(scenes, rtol)
+    for name, r in kv.items():
+        print(f"   {name:28s} | {'':>9}{ranks(r['plain'])} | {'':>16}{ranks(r['alpha'])}")
     print(f"\n2) The N x d output of one head, same inputs (max rank {d})")
     print(f"   {'attention':16s} | " + " | ".join(f"{s:>28s}" for s in scenes))
-    fns = {"softmax": softmax.softmax_attention,
-           "linear (ELU+1)": lambda q, k, v: linear.linear_attention(q, k, v, "elu"),
-           "InLine": lambda q, k, v: injective.inline_attention(q, k, v, scale=d ** -0.5 / n),
-           "RALA": rala_attention}
-    for name, fn in fns.items():
-        print(f"   {name:16s} | " + " | ".join(f"{'':>16}{ranks(fn(*s)[0, 0], rtol)}" for s in scenes.values()))
+    heads = head_output_ranks(scenes, rtol)
+    for name, per_scene in heads.items():
+        print(f"   {name:16s} | " + " | ".join(f"{'':>16}{ranks(r)}" for r in per_scene.values()))
 
     side = 14
     x = torch.cat([torch.randn(1, 192, generator=g, dtype=torch.float64),
                    locality.smooth_tokens(side, 192, 4, g)])[None]  # (1, 197, 192)
     print(f"\n3) The N x C output of each module (C = 192, 6 heads, freshly initialised, max rank"
           f" 192) on\n   a {side}x{side} token map + class token whose neighbours are alike")
-    variants = [(k, cls, {}) for k, cls in ATTENTIONS.items()] + [
-        ("final, reweight off", RankAugmentedInLineAttention, {"reweight": False}),
-        ("final, gate off", RankAugmentedInLineAttention, {"gate": False}),
-        ("final, local off", RankAugmentedInLineAttention, {"local": False})]
-    for name, cls, kw in variants:
-        torch.manual_seed(args.seed)  # the same qkv / proj weights for every module
-        with torch.no_grad():
-            y = cls(192, num_heads=6, **kw).double()(x)[0]
-        print(f"   {name:20s} {ranks(y, rtol)}")
+    mods = module_output_ranks(x, args.seed, rtol)
+    for name, r in mods.items():
+        print(f"   {name:20s} {ranks(r)}")
     print("   Linear attention's buffer and outputs collapse towards one direction when many tokens"
           "\n   look alike; alpha re-weighting lifts the buffer and RALA's output there, and the gate"
           "\n   and the local terms lift a module's output rank, before any training. On random tokens"
           "\n   (no redundancy) alpha concentrates the buffer on fewer tokens and lowers its effective"
           "\n   rank: what it gains depends on the scene, and in a model on what training teaches q, k.")
+    out = {"kv_buffer": kv, "head_outputs": heads, "module_outputs": mods}
+    if args.plot:
+        os.makedirs(args.plot, exist_ok=True)
+        paths = [os.path.join(args.plot, f) for f in ("kv_spectra.png", "output_spectra.png")]
+        out["figures"] = {paths[0]: plot_kv_spectra(kv, rtol, paths[0]),
+                          paths[1]: plot_output_spectra(mods, rtol, paths[1])}
+        print("\n" + "\n".join(f"wrote {path}" for path in paths))
+    return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -333,6 +443,8 @@ def main(argv=None):
     p.add_argument("--objects", type=int, default=12, help="distinct tokens in the background scene")
     p.add_argument("--rtol", type=float, default=1e-3, help="relative tolerance of numerical rank")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--plot", metavar="DIR", help="also write DIR/kv_spectra.png and "
+                   "DIR/output_spectra.png, the singular values behind the tables (needs matplotlib)")
     p.add_argument("--bench", action="store_true", help="time and memory of every module instead")
     p.add_argument("--sizes", type=int, nargs="+", default=[197, 785, 3137, 12545],
                    help="N for --bench (DeiT at 224, 448, 896, 1792 px)")
@@ -341,7 +453,9 @@ def main(argv=None):
     p.add_argument("--profile", type=int, default=0, metavar="N",
                    help="with --bench: also profile the final module at N tokens")
     args = p.parse_args(argv)
-    bench(args) if args.bench else show_ranks(args)
+    if args.plot and os.path.exists(args.plot) and not os.path.isdir(args.plot):
+        p.error(f"--plot {args.plot}: exists and is not a directory")
+    return bench(args) if args.bench else show_ranks(args)
 
 
 if __name__ == "__main__":

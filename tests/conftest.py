@@ -27,3 +27,18 @@ def assert_close(actual, expected, formula, atol, rtol=0.0):
     if not torch.allclose(actual, expected, atol=atol, rtol=rtol):
         diff = float((actual - expected).abs().max())
         raise AssertionError(f"{formula}\n  max |code - formula| = {diff:.3e} > atol {atol:g}")
+
+
+def png_size(path):
+    """(width, height) of a PNG file, read from its header; AssertionError if it is not a PNG."""
+    import struct
+    with open(path, "rb") as f:
+        head = f.read(24)
+    assert head[:8] == b"\x89PNG\r\n\x1a\n" and head[12:16] == b"IHDR", f"{path} is not a PNG file"
+    return struct.unpack(">II", head[16:24])
+
+
+def run_demo(step, argv, capsys):
+    """Run step.main(argv); returns (the numbers it returned, what it printed)."""
+    numbers = step.main(argv)
+    return numbers, capsys.readouterr().out

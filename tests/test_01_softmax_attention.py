@@ -161,3 +161,25 @@ def test_importing_the_steps_changes_no_process_wide_state():
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     r = subprocess.run([sys.executable, "-c", IMPORT_STATE, root], capture_output=True, text=True)
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]
+
+
+# ----------------------------------------------------------------------------------------------
+# the demo: what it prints is what it computed, and the claims hold
+
+
+def test_demo_claims_and_printout(capsys):
+    from conftest import run_demo
+    r, out = run_demo(sm, ["--sizes", "16", "32", "--repeat", "1"], capsys)
+    sdpa = r["sdpa_vs_explicit"]
+    assert sdpa["torch.float32"] < 1e-5 and sdpa["torch.float64"] < 1e-12, \
+        f"SDPA must compute {SOFTMAX}: {sdpa}"
+    assert r["module_vs_explicit"] < 1e-12
+    assert r["weights_shape"] == (2, 3, 197, 197)
+    assert r["row_sum_error"] < 1e-12 and r["all_positive"]
+    for dtype, diff in sdpa.items():
+        assert f"{dtype:14s} max |SDPA - explicit| = {diff:.2e}" in out
+    assert f"module vs explicit, float64: {r['module_vs_explicit']:.2e}" in out
+    assert f"(max error {r['row_sum_error']:.1e}), all positive: True" in out
+    # the cost table: one row per N asked for
+    rows = [line.split() for line in out.splitlines() if line.strip().split(" ")[0] in ("16", "32")]
+    assert [row[0] for row in rows] == ["16", "32"]

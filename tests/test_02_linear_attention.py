@@ -127,3 +127,21 @@ def test_errors():
         la.LinearAttention(24, num_heads=4, attn_drop=0.1)
     with pytest.raises(ValueError, match=r"k must be a \(B, H, N, d\) tensor"):
         la.linear_attention(q, k[0], v)
+
+
+# ----------------------------------------------------------------------------------------------
+# the demo: what it prints is what it computed, and the claims hold
+
+
+def test_demo_claims_and_printout(capsys):
+    from conftest import run_demo
+    r, out = run_demo(la, ["--sizes", "16", "32", "--repeat", "1"], capsys)
+    assert set(r["fast_vs_n_by_n"]) == set(la.KERNELS)
+    for kernel, diff in r["fast_vs_n_by_n"].items():
+        assert diff < 1e-12, f"phi(Q) (phi(K)^T V) must equal the N x N form, kernel {kernel!r}: {diff:.1e}"
+        assert f"kernel {kernel:10s} max |fast - N x N form| = {diff:.1e}" in out
+    assert r["multiply_adds"] == {"N x N form": 2 * 197 * 197 * 32, "linear form": 2 * 197 * 32 * 32}
+    assert f"2*N*N*d = {2 * 197 * 197 * 32:,}; linear form 2*N*d*d = {2 * 197 * 32 * 32:,}" in out
+    rows = [line.split() for line in out.splitlines() if line.strip().split(" ")[0] in ("16", "32")]
+    assert [row[0] for row in rows] == ["16", "32"]
+    assert "Crossover" in out or "not faster at any measured N" in out

@@ -105,3 +105,91 @@ def test_errors():
         inj.InjectiveLinearAttention(16, num_heads=4, kernel="no_such_kernel")
     with pytest.raises(ValueError, match=r"v .* must have the B, H, N of k"):
         inj.inline_attention(rand(1, 1, 5, 3), rand(1, 1, 5, 3), rand(1, 1, 4, 3))
+
+
+# ----------------------------------------------------------------------------------------------
+# the demo: what it prints is what it computed, and the claims hold (at the default sizes)
+
+
+def test_demo_claims_and_printout(capsys):
+    from conftest import run_demo
+    r, out = run_demo(inj, [], capsys)
+    pairs = r["collisions"]["pairs"]
+    # q vs 2q: every linear kernel is blind to the scale, softmax and InLine are not
+    for name in ("linear-relu", "linear-identity"):
+        assert pairs[name]["q vs 2q"] == 0.0, f"{name}: linear attention gives q and 2q the same weights"
+    for name in ("softmax", "inline-identity", "inline-relu"):
+        assert pairs[name]["q vs 2q"] > 1e-3, f"{name} must tell q from 2q"
+    # q vs q_neg (only the coordinates ReLU zeroes differ): only the ReLU kernels are blind
+    for name in ("linear-relu", "inline-relu"):
+        assert pairs[name]["q vs q_neg"] == 0.0, name
+    for name in ("softmax", "linear-identity", "inline-identity"):
+        assert pairs[name]["q vs q_neg"] > 1e-3, name
+    ab = r["collisions"]["relu_ab"]
+    assert abs(ab["cosine"]) < 0.9, "q and q' must not be collinear"
+    assert ab["linear"] < 1e-12 and ab["softmax"] > 1e-2
+    # the confusion count: exactly the pairs that share a direction, for linear attention only
+    conf = r["confusion"]
+    assert conf["queries"] == 64 * 4 and conf["pairs"] == 256 * 255 // 2
+    assert conf["same direction pairs"] == 64 * 6
+    for name, count in conf["confused"].items():
+        expected = conf["same direction pairs"] if name.startswith("linear") else 0
+        assert count == expected, f"{name}: {count} confused pairs, expected {expected}"
+    p = r["inline"]
+    assert p["row_sum_error"] < 1e-12 and p["fast_vs_n_by_n"] < 1e-12
+    assert 0 < p["negative_share"] < 0.5 and p["min"] < 0
+    # the printout shows these numbers
+    for name, pair in pairs.items():
+        assert f"{name:18s} {pair['q vs 2q']:>10.2e} {pair['q vs q_neg']:>11.2e}" in out
+    assert f"differing by {ab['linear']:.2e}; softmax: {ab['softmax']:.2e}" in out
+    for name, count in conf["confused"].items():
+        assert f"{name:18s} {count:>6}" in out
+    assert f"{100 * p['negative_share']:.0f}% of them are negative" in out
+    assert "figure1" not in r and "Fig. 1" not in out  # figures only with --plot
+
+
+def test_figure1_numbers():
+    fig1 = inj.figure1()
+    assert list(fig1) == ["a", "b"]
+    for key, setting in fig1.items():
+        w = setting["weights"]
+        assert list(w) == ["softmax", "linear", "InLine"] and all(m.shape == (4, 4) for m in w.values())
+        for name, m in w.items():
+            assert torch.allclose(m.sum(-1), torch.ones(4, dtype=torch.float64), atol=1e-12), (key, name)
+        assert inj.row_spread(w["linear"]) < 1e-12, f"({key}): linear attention's rows must be identical"
+        assert inj.row_spread(w["softmax"]) > 0.1 and inj.row_spread(w["InLine"]) > 0.1, key
+    q = fig1["a"]["queries"]
+    assert torch.allclose(q[:, 0] * q[0, 1] - q[:, 1] * q[0, 0], torch.zeros(4, dtype=torch.float64))  # collinear
+    q, A, b = fig1["b"]["queries"], fig1["b"]["A"], fig1["b"]["b"]
+    phi = torch.relu(q @ A.T + b)
+    c = torch.tensor(inj.FIG1_LENGTHS, dtype=torch.float64)
+    assert torch.allclose(phi, c[:, None] * phi[1], atol=1e-12), "(b): phi(q_i) = c_i phi(q)"
+    cross = q[:, 0] * q[1, 1] - q[:, 1] * q[1, 0]
+    assert cross.abs().max() > 0.5, "(b): the queries must not be collinear"
+
+
+def test_plot_writes_figure1(tmp_path, capsys):
+    from conftest import png_size, run_demo
+    r, out = run_demo(inj, ["--tokens", "40", "--dim", "8", "--directions", "4",
+                            "--plot", str(tmp_path / "figs")], capsys)
+    path = str(tmp_path / "figs" / "fig1_injectivity.png")
+    assert list(r["figures"]) == [path] and f"wrote {path}" in out
+    assert png_size(path) == (1300, 760)
+    # the six maps drawn are the returned weights, and their cells print those values
+    fig = r["figures"][path]
+    drawn = [ax.images[0].get_array() for ax in fig.axes if ax.images]
+    expected = [w for s in r["figure1"].values() for w in s["weights"].values()]
+    assert len(drawn) == len(expected) == 6
+    for d, w in zip(drawn, expected):
+        assert torch.allclose(torch.as_tensor(d.data), w)
+    cells = [t.get_text() for ax in fig.axes if ax.images for t in ax.texts]
+    assert cells == [f"{float(v):.2f}" for w in expected for v in w.flatten()]
+
+
+@pytest.mark.parametrize("step", ["03_injectivity", "04_local_residual", "05_rank_augmentation"])
+def test_plot_into_a_file_is_a_clear_error(step, tmp_path, capsys):
+    f = tmp_path / "not_a_dir"
+    f.write_text("")
+    with pytest.raises(SystemExit):
+        load(step).main(["--plot", str(f)])
+    assert f"--plot {f}: exists and is not a directory" in capsys.readouterr().err

@@ -150,3 +150,68 @@ def test_matches_the_official_arrangement():
     m = loc.InLineAttention(192, num_heads=6).double()
     x = rand(2, 197, 192, seed=5)
     assert torch.allclose(m(x), official_arrangement(m, x), atol=1e-13)
+
+
+# ----------------------------------------------------------------------------------------------
+# the demo: what it prints is what it computed, and the claims hold (14 x 14 grid, one map)
+
+
+def test_demo_claims_and_printout(capsys):
+    from conftest import run_demo
+    r, out = run_demo(loc, ["--samples", "1"], capsys)
+    t = r["table"]
+    assert t["n"] == 197 and t["uniform"] == {3: 9 / 197, 5: 25 / 197, 7: 49 / 197}
+    row = {(x["attention"], x["blur"]): x for x in t["rows"]}
+    assert set(row) == {(name, blur) for name in loc.NAMES for blur in (0, 4)}
+    kernel_forms = ["linear-relu", "linear-elu", "inline-identity"]
+    u3 = t["uniform"][3]
+    # smooth maps: softmax's exp() turns 'my neighbours look like me' into most of the mass,
+    # the kernel forms gain far less (ELU+1 almost nothing)
+    sm4 = row["softmax", 4]["mass"]
+    assert sm4[3] > 0.5 and sm4[3] > 10 * u3
+    for name in kernel_forms:
+        assert sm4[3] > 2 * row[name, 4]["mass"][3], f"softmax's 3x3 mass must beat {name}'s on smooth maps"
+    assert row["linear-elu", 4]["mass"][3] < 1.5 * u3
+    # no structure: only softmax still concentrates, and on the query itself
+    sm0 = row["softmax", 0]
+    assert sm0["mass"][3] > 5 * u3 and sm0["self"] > 0.8 * sm0["mass"][3]
+    for name in kernel_forms:
+        assert row[name, 0]["mass"][3] < 2 * u3, f"{name} must not concentrate on plain noise"
+    for x in t["rows"]:
+        for a, b in zip(loc.WINDOWS, loc.WINDOWS[1:]):  # a larger window holds more of the mass
+            assert x["mass"][a] <= x["mass"][b] + 1e-12
+        assert f"{x['attention']:16s} {x['blur']:>4} | {x['self']:>5.3f} | {x['mass'][3]:>8.3f}" in out
+    p = r["parameters"]
+    assert p["extra"] == p["residual.0"] + p["residual.2"] == 63_360 and p["deit_t"] == 6_477_736
+    assert p["kernels"] == (2, 1728, 1) and p["out"] == p["x"] == (2, 197, 192)
+    assert f"adds {p['extra']:,} parameters per block" in out and f"= {p['deit_t']:,} parameters" in out
+    assert "figures" not in r and "wrote" not in out
+
+
+def test_query_maps_are_rows_of_the_weights():
+    qm = loc.query_maps(side=6, dim=8, blur=2, seed=1, query=(2, 3))
+    g = torch.Generator().manual_seed(1)
+    tok = loc.smooth_map_tokens(6, 8, 2, g)
+    i = 1 + 2 * 6 + 3
+    for name in loc.NAMES:
+        w = inj.weights_of(name, tok, tok)
+        assert torch.equal(qm["maps"][name], w[i, 1:].reshape(6, 6)) and qm["cls"][name] == float(w[i, 0])
+        assert abs(float(qm["maps"][name].sum()) + qm["cls"][name] - 1) < 1e-9, f"{name}: a row sums to 1"
+        # the 3x3 mass is the sum of the map over the 3x3 window around (2, 3)
+        assert abs(qm["mass"][name][3] - float(qm["maps"][name][1:4, 2:5].sum())) < 1e-12
+
+
+def test_plot_writes_the_maps_and_the_bars(tmp_path, capsys):
+    from conftest import png_size, run_demo
+    r, out = run_demo(loc, ["--samples", "1", "--side", "6", "--dim", "8", "--plot", str(tmp_path)], capsys)
+    maps, bars = (str(tmp_path / f) for f in ("attention_maps.png", "local_mass.png"))
+    assert list(r["figures"]) == [maps, bars] and f"wrote {maps}" in out and f"wrote {bars}" in out
+    assert png_size(maps) == (1440, 390) and png_size(bars) == (1200, 390)
+    drawn = [ax.images[0].get_array() for ax in r["figures"][maps].axes if ax.images]
+    assert len(drawn) == len(loc.NAMES)
+    for d, name in zip(drawn, loc.NAMES):
+        assert torch.allclose(torch.as_tensor(d.data), r["query_maps"]["maps"][name])
+    heights = [p.get_height() for ax in r["figures"][bars].axes for p in ax.patches]
+    expected = [x["mass"][win] for blur in (0, 4) for win in loc.WINDOWS
+                for x in r["table"]["rows"] if x["blur"] == blur]
+    assert heights == pytest.approx(expected)

@@ -281,3 +281,92 @@ def test_kv_buffer_matches_its_formula(name):
 def test_softmax_kv_buffer_is_its_weights():
     m, x = make("softmax"), rand(2, 17, 24, seed=34)
     assert torch.equal(m.kv_buffer(x), m.attention_weights(x))
+
+
+# ----------------------------------------------------------------------------------------------
+# the demo: what it prints is what it computed, and the claims hold (at the default sizes)
+
+
+def test_demo_claims_and_printout(capsys):
+    from conftest import run_demo
+    r, out = run_demo(ra, [], capsys)
+    kv, heads, mods = r["kv_buffer"], r["head_outputs"], r["module_outputs"]
+    rnd, bg = "random tokens", "background + 12 objects"
+    assert list(kv) == [rnd, bg]
+    # redundant tokens: linear attention's buffer and output collapse towards one direction ...
+    assert kv[bg]["plain"]["effective"] < 2 and heads["linear (ELU+1)"][bg]["effective"] < 1.5
+    # ... and alpha re-weighting lifts the buffer and RALA's output there
+    assert kv[bg]["alpha"]["effective"] > 2 * kv[bg]["plain"]["effective"]
+    assert heads["RALA"][bg]["effective"] > heads["linear (ELU+1)"][bg]["effective"]
+    # on random tokens alpha lowers the buffer's effective rank
+    assert kv[rnd]["alpha"]["effective"] < kv[rnd]["plain"]["effective"]
+    # the gate and the local terms lift a module's output rank, before any training
+    eff = {name: m["effective"] for name, m in mods.items()}
+    assert eff["final"] > eff["final, gate off"] and eff["final"] > eff["final, local off"]
+    assert eff["inline"] > eff["injective"]
+    assert list(mods) == list(ra.ATTENTIONS) + ["final, reweight off", "final, gate off", "final, local off"]
+    for table, top in [(kv, 32), (heads, 32), (mods, 192)]:
+        for x in table.values():
+            for rank in (x.values() if "numerical" not in x else [x]):
+                assert 1 <= rank["numerical"] <= top and 1 <= rank["effective"] <= top
+    # the printout shows these numbers
+    for name, x in kv.items():
+        assert f"{name:28s} | {'':>9}{ra.ranks(x['plain'])} | {'':>16}{ra.ranks(x['alpha'])}" in out
+    for name, x in heads.items():
+        assert f"{name:16s} | " + " | ".join(f"{'':>16}{ra.ranks(v)}" for v in x.values()) in out
+    for name, x in mods.items():
+        assert f"{name:20s} {ra.ranks(x)}" in out
+    assert "figures" not in r and "wrote" not in out
+
+
+def test_rank_of_matches_the_rank_helpers():
+    m = rand(12, 7, seed=40)
+    r = ra.rank_of(m, 1e-3)
+    assert r["numerical"] == int(ra.numerical_rank(m)) and r["effective"] == float(ra.effective_rank(m))
+    assert torch.allclose(r["singular_values"], torch.linalg.svdvals(m))
+
+
+def test_plot_writes_the_spectra(tmp_path, capsys):
+    from conftest import png_size, run_demo
+    r, out = run_demo(ra, ["--tokens", "40", "--head-dim", "8", "--objects", "4",
+                           "--plot", str(tmp_path)], capsys)
+    kvp, outp = (str(tmp_path / f) for f in ("kv_spectra.png", "output_spectra.png"))
+    assert list(r["figures"]) == [kvp, outp] and f"wrote {kvp}" in out and f"wrote {outp}" in out
+    assert png_size(kvp) == (1100, 390) and png_size(outp) == (1100, 390)
+    # the curves drawn are the returned singular values over the largest
+    drawn = [line.get_ydata() for ax in r["figures"][kvp].axes for line in ax.get_lines()
+             if len(line.get_ydata()) > 2]
+    expected = [x[key]["singular_values"] for x in r["kv_buffer"].values() for key in ("plain", "alpha")]
+    assert len(drawn) == len(expected) == 4
+    for d, sv in zip(drawn, expected):
+        assert torch.allclose(torch.as_tensor(d), sv / sv[0])
+    drawn = [line.get_ydata() for ax in r["figures"][outp].axes for line in ax.get_lines()
+             if len(line.get_ydata()) > 2]
+    assert len(drawn) == len(r["module_outputs"]) + 1  # "final" is in both panels
+    assert torch.allclose(torch.as_tensor(drawn[0]), r["module_outputs"]["softmax"]["singular_values"]
+                          / r["module_outputs"]["softmax"]["singular_values"][0])
+
+
+NO_MATPLOTLIB = r"""
+import contextlib, importlib, io, sys
+sys.path.insert(0, sys.argv[1])
+small = {"01_softmax_attention": ["--sizes", "8", "--repeat", "1"],
+         "02_linear_attention": ["--sizes", "8", "--repeat", "1"],
+         "03_injectivity": ["--tokens", "20", "--dim", "4", "--directions", "2"],
+         "04_local_residual": ["--side", "3", "--dim", "4", "--samples", "1"],
+         "05_rank_augmentation": ["--tokens", "20", "--head-dim", "4", "--objects", "3"]}
+for name, argv in small.items():
+    with contextlib.redirect_stdout(io.StringIO()):
+        importlib.import_module(name).main(argv)
+    assert "matplotlib" not in sys.modules, f"{name} imported matplotlib without --plot"
+print("ok")
+"""
+
+
+def test_demos_import_matplotlib_only_for_plot():
+    import os
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    r = subprocess.run([sys.executable, "-c", NO_MATPLOTLIB, root], capture_output=True, text=True)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]
