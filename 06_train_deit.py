@@ -876,13 +876,17 @@ def summarize_runs(runs, log=print):
         params = sum(v.numel() for v in ckpt["model"].values())
         groups.setdefault(label, []).append((recs[-1]["top1"], params,
                                              np.mean([rec["images_per_s"] for rec in recs])))
-    log("| attention | seeds | held-out top-1 (%) | parameters | train img/s |")
-    log("|---|---|---|---|---|")
-    for label, rows in groups.items():
+    order = list(ATTENTIONS)  # the course's order, then the final module's ablations
+    log("| attention | seeds | held-out top-1 (%), mean +- std | min - max | parameters |"
+        " train img/s |")
+    log("|---|---|---|---|---|---|")
+    for label in sorted(groups, key=lambda l: (order.index(l.split("-no-")[0])
+                                               if l.split("-no-")[0] in order else len(order), l)):
+        rows = groups[label]
         top1 = np.array([t for t, _, _ in rows])
-        std = top1.std(ddof=1) if len(top1) > 1 else float("nan")
-        log(f"| {label} | {len(rows)} | {top1.mean():.1f} +- {std:.1f} | {rows[0][1]:,} |"
-            f" {np.mean([s for _, _, s in rows]):.0f} |")
+        std = top1.std(ddof=1) if len(top1) > 1 else float("nan")  # sample std over seeds
+        log(f"| {label} | {len(rows)} | {top1.mean():.1f} +- {std:.1f} | {top1.min():.1f} - "
+            f"{top1.max():.1f} | {rows[0][1]:,} | {np.mean([s for _, _, s in rows]):.0f} |")
     return groups
 
 
