@@ -415,14 +415,14 @@ def test_one_epoch_numbering_and_ctrl_c(tmp_path, capsys, monkeypatch):
     real_tqdm = deit.tqdm
     monkeypatch.setattr(deit, "tqdm", lambda *a, **k: bars.append(k.get("desc")) or
                         real_tqdm(*a, **k))
-    real_forward, steps = deit.VisionTransformer.forward, []
+    real_forward, steps, stop_at = deit.VisionTransformer.forward, [], [6]
 
-    def ctrl_c_at_step_6(self, x):  # 4 steps per epoch: the second step of epoch 2
+    def ctrl_c(self, x):  # at training step 6: 4 steps per epoch, the second step of epoch 2
         steps.append(self.training)
-        if sum(steps) == 6 and self.training:
+        if sum(steps) == stop_at[0] and self.training:
             raise KeyboardInterrupt
         return real_forward(self, x)
-    monkeypatch.setattr(deit.VisionTransformer, "forward", ctrl_c_at_step_6)
+    monkeypatch.setattr(deit.VisionTransformer, "forward", ctrl_c)
     argv = TINY + ["--epochs", "3", "--output", out]
     with pytest.raises(SystemExit) as e:
         deit.main(argv)
@@ -444,11 +444,11 @@ def test_one_epoch_numbering_and_ctrl_c(tmp_path, capsys, monkeypatch):
     assert [json.loads(r)["epoch"] for r in open(os.path.join(out, "log.jsonl"))] == [1, 2, 3]
     assert tensors(ckpt)["epoch"] == 3 and tensors(ckpt)["pending"] is None
     # Ctrl-C before the first checkpoint: nothing to resume, and it says so
-    monkeypatch.setattr(deit.VisionTransformer, "forward", ctrl_c_at_step_6)
+    monkeypatch.setattr(deit.VisionTransformer, "forward", ctrl_c)
     steps.clear()
+    stop_at[0] = 2
     with pytest.raises(SystemExit):
-        deit.main(TINY + ["--epochs", "1", "--output", str(tmp_path / "new"),
-                          "--demo-train", "96"])  # 6 steps in epoch 1
+        deit.main(TINY + ["--epochs", "1", "--output", str(tmp_path / "new")])
     assert "interrupted: nothing saved yet" in capsys.readouterr().err
 
 
