@@ -29,11 +29,14 @@ The same file runs on one CPU, one GPU (bf16 autocast, --compile) or many nodes,
     torchrun --nproc_per_node 8 06_train_deit.py --data-path /data/imagenet
     torchrun --nnodes 2 --nproc_per_node 8 --rdzv-endpoint host:29500 06_train_deit.py ...
     python 06_train_deit.py --bench --img-size 448          # images/s: chosen attention vs softmax
-Every epoch ends with an atomic checkpoint (model, optimizer, scheduler, RNG states) and a line of
-JSON in OUTPUT/log.jsonl; running the same command again continues exactly where it stopped.
+Every epoch is saved twice to OUTPUT/checkpoint.pth (atomically, with a sha256 of its contents:
+a damaged file is refused): after its training, then after its evaluation, with a line of JSON in
+OUTPUT/log.jsonl. Running the same command again continues exactly where it stopped, and says so
+(--fresh starts afresh); Ctrl-C says where the last checkpoint is. Epochs are counted from 1.
 """
 import argparse
 import functools
+import hashlib
 import importlib
 import json
 import math
@@ -199,6 +202,11 @@ def read_checkpoint(path):
                         f"{reason}") from None
     if not isinstance(ckpt, dict):
         raise UserError(f"checkpoint {path} holds a {type(ckpt).__name__}, not a state_dict")
+    if "sha256" in ckpt and checksum({k: v for k, v in ckpt.items() if k != "sha256"}) \
+            != ckpt["sha256"]:  # written by save_checkpoint: its contents must hash the same
+        raise UserError(f"checkpoint {path} is damaged: its contents do not match the sha256 "
+                        f"written with it; use an intact copy, or start afresh (--fresh, or "
+                        f"another --output)")
     return ckpt
 
 
@@ -508,6 +516,13 @@ class RepeatedAugSampler(torch.utils.data.Sampler):
         return iter(idx[self.rank::self.world][:self.keep])
 
 
+def default_workers():
+    """Data loading processes per training process: the CPU cores this process may use, shared
+    by the training processes of this machine (torchrun's LOCAL_WORLD_SIZE), at most 8."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, min(8, (cores or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
+
+
 def make_loaders(train_set, val_set, args, rank, world, device):
     """Each process reads its own 1/world of every epoch (the sampler's shuffle depends only on
     seed and epoch) and of the validation set (no padding, so the all-reduced counts are exact).
@@ -550,16 +565,28 @@ def scaled_lrs(args, global_batch):
     return args.lr * scale, args.warmup_lr, args.min_lr
 
 
-def lr_schedule(optimizer, peak, warmup_lr, min_lr, warmup_steps, total_steps):
-    """Per step: linear warm-up warmup_lr -> peak, then cosine peak -> min_lr at total_steps."""
+def lr_schedule(optimizer, peak, warmup_lr, min_lr, warmup_steps, total_steps, start_step=0):
+    """Per step: linear warm-up warmup_lr -> peak, then cosine peak -> min_lr at total_steps.
+    The returned scheduler stands at start_step (its lr is that step's)."""
     def factor(step):  # LambdaLR multiplies the peak lr by this
         if step < warmup_steps:
             return (warmup_lr + (peak - warmup_lr) * step / warmup_steps) / peak
         t = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
         return (min_lr + (peak - min_lr) * 0.5 * (1 + math.cos(math.pi * t))) / peak
     for group in optimizer.param_groups:
-        group["lr"] = peak
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        group["lr"] = group["initial_lr"] = peak  # also over what a loaded optimizer state had
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor, last_epoch=start_step - 1)
+
+
+def schedule(optimizer, args, global_batch, steps_per_epoch, epochs_done=0):
+    """(peak lr, scheduler) for this global batch, standing at the start of epoch epochs_done + 1.
+    The place in the schedule is counted in epochs, not steps, and the peak follows the global
+    batch: a run resumed with another number of processes (another global batch, another number
+    of steps per epoch) continues where it stopped, at the new batch's lr."""
+    peak, warmup_lr, min_lr = scaled_lrs(args, global_batch)
+    return peak, lr_schedule(optimizer, peak, warmup_lr, min_lr,
+                             args.warmup_epochs * steps_per_epoch, args.epochs * steps_per_epoch,
+                             start_step=epochs_done * steps_per_epoch)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -622,15 +649,16 @@ def stop_if_not_finite(first_bad, epoch):
     every process stops together) and stop before anything is saved."""
     first_bad = all_reduce_max(first_bad.clone())                       # (2,): step, loss
     if first_bad[0].item() >= 0:
-        step, value = int(first_bad[0].item()), first_bad[1].item()
+        step, value = int(first_bad[0].item()) + 1, first_bad[1].item()    # counted from 1
         raise UserError(f"loss is {value} at epoch {epoch}, step {step}: training stopped "
                         f"before the epoch's checkpoint; the last good checkpoint is kept. "
                         f"Try a lower --lr, or --amp none")
 
 
 def train_one_epoch(model, loader, criterion, optimizer, scheduler, scaler, mix, device, args,
-                    epoch=0, rank=0):
-    """Train on every batch of `loader`; returns the mean loss over all processes' images.
+                    epoch=1, rank=0):
+    """Train on every batch of `loader` (epoch: its number, counted from 1 as everywhere a person
+    reads it); returns the mean loss over all processes' images.
     No step waits for the GPU: the loss sum and the first non-finite loss are kept on the device
     and looked at every --check-every steps and at the end (a NaN then stops the run before the
     epoch's checkpoint is written)."""
@@ -639,7 +667,8 @@ def train_one_epoch(model, loader, criterion, optimizer, scheduler, scaler, mix,
     first_bad = torch.tensor([-1.0, 0.0], device=device)                # step, loss (-1: none)
     every = getattr(args, "check_every", 50)
     # progress bars on rank 0 only, and only on a terminal (None: tqdm checks for a TTY)
-    bar = tqdm(loader, desc=f"epoch {epoch}", disable=(rank != 0) or None, leave=False,
+    of = f"/{args.epochs}" if hasattr(args, "epochs") else ""
+    bar = tqdm(loader, desc=f"epoch {epoch}{of}", disable=(rank != 0) or None, leave=False,
                dynamic_ncols=True)
     for step, (images, targets) in enumerate(bar):
         images = images.to(device, non_blocking=True)                   # (B, 3, S, S)
@@ -669,6 +698,33 @@ def train_one_epoch(model, loader, criterion, optimizer, scheduler, scaler, mix,
     stop_if_not_finite(first_bad, epoch)
     total = all_reduce_sum(torch.stack([loss_sum, loss_sum.new_tensor(float(images_seen))]))
     return (total[0] / total[1]).item()
+
+
+@torch.no_grad()
+def check_held_out(model, val_set, device, args, rank=0, world=1):
+    """Before the first epoch: open every held-out image file (its header only, each process
+    1/world of them) and pass a few held-out images through the transform and the model, so
+    that a broken val/ image is reported before an epoch of training is spent. (A file cut short
+    after its header shows only when decoded, at the first evaluation.)"""
+    samples = getattr(val_set, "samples", [])[rank::world]             # ImageFolder's (path, class)
+    if samples:
+        from PIL import Image
+        for path, _ in tqdm(samples, desc="checking val/ images", disable=(rank != 0) or None,
+                            leave=False):
+            try:
+                with Image.open(path):
+                    pass
+            except Exception as e:
+                raise UserError(f"cannot read held-out image {path} ({e}), found before "
+                                f"training: repair or remove it") from None
+    model.eval()
+    images = held_out_batch(val_set, 4).to(device)                      # (4, 3, S, S)
+    try:
+        with autocast(device, args.amp):
+            model(images)                                               # (4, K)
+    except ValueError as e:  # e.g. a changed transform: images of another size
+        raise UserError(f"held-out images do not fit the model, found before training: "
+                        f"{e}") from None
 
 
 @torch.no_grad()
@@ -719,6 +775,35 @@ def gather_rng_states(world):
     return states
 
 
+def checksum(obj):
+    """sha256 over every tensor's bytes (with its dtype and shape) and every other value of a
+    checkpoint, in order. It is computed again on loading: bytes damaged on disk (in the middle
+    of a tensor, where torch.load itself notices nothing) change it."""
+    h = hashlib.sha256()
+
+    def walk(x):
+        if isinstance(x, torch.Tensor):
+            h.update(f"{x.dtype}{tuple(x.shape)}".encode())
+            h.update(x.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+        elif isinstance(x, dict):
+            for k, v in x.items():
+                h.update(repr(k).encode())
+                walk(v)
+        elif isinstance(x, (list, tuple)):
+            h.update(f"{type(x).__name__}{len(x)}".encode())
+            for v in x:
+                walk(v)
+        else:
+            h.update(repr(x).encode())
+    walk(obj)
+    return h.hexdigest()
+
+
+def save_checkpoint(obj, path):
+    """save_atomic, with the checksum of everything in it under "sha256"."""
+    save_atomic({**obj, "sha256": checksum(obj)}, path)
+
+
 def save_atomic(obj, path):
     """Write to a temporary file, flush it to disk, then rename over `path`: a crash at any moment
     leaves either the old checkpoint or the new one, never half of one."""
@@ -728,6 +813,14 @@ def save_atomic(obj, path):
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def keep_log(path, epochs):
+    """Keep the lines of epochs 1..epochs in log.jsonl: those of the run being resumed."""
+    if os.path.isfile(path):
+        records = [r for r in read_jsonl(path) if r["epoch"] <= epochs]
+        with open(path, "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in records)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -827,7 +920,7 @@ def plot_runs(runs, out_dir, log=print):
     if curves:
         fig, (ax_loss, ax_top1) = plt.subplots(1, 2, figsize=(10, 3.8), dpi=100)
         for r, recs in curves.items():
-            epochs = [rec["epoch"] + 1 for rec in recs]
+            epochs = [rec["epoch"] for rec in recs]                      # counted from 1
             ax_loss.plot(epochs, [rec["loss"] for rec in recs], marker=".", label=os.path.basename(r))
             ax_top1.plot(epochs, [rec["top1"] for rec in recs], marker=".", label=os.path.basename(r))
         ax_loss.set(xlabel="epoch", ylabel="training loss", title="training loss")
@@ -975,11 +1068,29 @@ DATASETS = {"demo": {"scale_lr": "peak", "repeated_aug": 0, **DEMO}, "imagenet":
             "cifar10": CIFAR_RECIPE, "cifar100": CIFAR_RECIPE}
 
 
+class HelpFormatter(argparse.HelpFormatter):
+    """--help: every flag's default once, then [what the demo, --recipe deit and CIFAR set in its
+    place], read from the very dicts that get_args applies."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.default not in (None, argparse.SUPPRESS) and action.default is not False \
+                and "default" not in text:  # (0 is a default to show; False of a switch is not)
+            text += " (default: %(default)s)"
+        instead = [f"{name}: {values[action.dest]}" for name, values in
+                   [("demo", DATASETS["demo"]), ("--recipe deit", RECIPES["deit"]),
+                    ("cifar", DATASETS["cifar10"])] if action.dest in values]
+        return text + (f" [{', '.join(instead)}]" if instead else "")
+
+
 def get_args(argv=None):
     p = argparse.ArgumentParser(
         description="Train / evaluate / benchmark DeiT-T with the course's attention modules. "
-                    "With no --data-path it trains a small ViT on a synthetic task (CPU demo).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                    "With no --data-path it trains a small ViT on a synthetic task (CPU demo). "
+                    "Defaults are ImageNet's (InLine's DeiT-T recipe); in [ ] the values the "
+                    "demo, --recipe deit and --data cifar10 / cifar100 use instead. Flags given "
+                    "on the command line always win.",
+        formatter_class=HelpFormatter)
     a = p.add_argument
     a("--data", choices=list(DATASETS), help="demo: synthetic shapes (the default without "
       "--data-path); imagenet: folders train/ and val/ at --data-path (the default with it); "
@@ -989,7 +1100,9 @@ def get_args(argv=None):
     a("--recipe", choices=list(RECIPES), default="inline", help="ImageNet recipe: InLine's "
       "DeiT-T or DeiT's own; sets batch, lr, warm-up, clipping, repeated aug, eval resize")
     a("--output", help="checkpoint.pth and log.jsonl go here (default runs/<data>-<attn>)")
-    a("--workers", type=int, default=8, help="data loading processes per GPU / process")
+    a("--workers", type=int, default=default_workers(), help="data loading processes per "
+      "GPU / process (default: the CPU cores, shared by this machine's processes, at most 8: "
+      "%(default)s here)")
     a("--demo-train", type=int, default=10000, help="demo: synthetic training images")
     a("--demo-val", type=int, default=2000, help="demo: held-out synthetic images")
     # model
@@ -997,27 +1110,28 @@ def get_args(argv=None):
     for part, what in zip(FINAL_PARTS, ("alpha re-weighting of the keys", "output gate",
                                         "local residual")):
         a(f"--no-{part}", action="store_true", help=f"--attn final without its {what} (ablation)")
-    a("--img-size", type=int, default=224)
-    a("--patch-size", type=int, default=16)
-    a("--embed-dim", type=int, default=192)
-    a("--depth", type=int, default=12)
+    a("--img-size", type=int, default=224, help="image side S in pixels")
+    a("--patch-size", type=int, default=16, help="patch side P in pixels")
+    a("--embed-dim", type=int, default=192, help="channels C of every token")
+    a("--depth", type=int, default=12, help="blocks")
     a("--num-heads", type=int, default=None, help="default: 3 for softmax, 6 otherwise")
     a("--drop-path", type=float, default=0.1, help="stochastic depth rate of the last block")
     a("--pretrained", metavar="PATH", help="start from these weights (state_dict or {'model': "
       "...}, strict; pos_embed resized to --img-size); a resumed run ignores it")
     # recipe
-    a("--epochs", type=int, default=300)
-    a("--warmup-epochs", type=int)
+    a("--epochs", type=int, default=300, help="epochs in all (a resumed run goes on to this)")
+    a("--warmup-epochs", type=int, help="linear warm-up from --warmup-lr to the peak")
     a("--warmup-lr", type=float, help="per 512 images if --scale-lr all")
     a("--min-lr", type=float, help="per 512 images if --scale-lr all")
     a("--batch-size", type=int, help="per process; global = this x processes")
     a("--lr", type=float, help="peak lr per 512 images (scaled by global batch)")
     a("--scale-lr", choices=["all", "peak"], help="scale warm-up and minimum lr by global "
       "batch / 512 as well (InLine), or the peak lr only (DeiT)")
-    a("--betas", type=float, nargs=2, default=[0.9, 0.999])
-    a("--weight-decay", type=float, default=0.05)
+    a("--betas", type=float, nargs=2, default=[0.9, 0.999], help="AdamW's")
+    a("--weight-decay", type=float, default=0.05, help="AdamW's, not on norms, biases and "
+      "embeddings")
     a("--clip-grad", type=float, help="max gradient norm (0: no clipping)")
-    a("--label-smoothing", type=float, default=0.1)
+    a("--label-smoothing", type=float, default=0.1, help="of the cross-entropy targets")
     a("--auto-augment", default="rand-m9-mstd0.5-inc1", help="timm's RandAugment spec ('none': "
       "off)")
     a("--repeated-aug", type=int, help="each image this many times per epoch, spread over the "
@@ -1029,7 +1143,8 @@ def get_args(argv=None):
     a("--eval-crop-ratio", type=float, default=0.875, help="resize to img-size / this, crop")
     a("--eval-resize", choices=["square", "shorter"], help="resize to a square (InLine) or the "
       "shorter side (timm / DeiT) before the centre crop")
-    a("--seed", type=int, default=0)
+    a("--seed", type=int, default=0, help="of the weights, augmentation and drop-path (the "
+      "demo's images are fixed)")
     # hardware and modes
     a("--device", choices=["cuda", "cpu"], help="default: cuda if available")
     a("--amp", choices=["bf16", "fp16", "none"], help="autocast dtype (default: bf16 on cuda)")
@@ -1038,6 +1153,8 @@ def get_args(argv=None):
       "steps (and at each epoch's end); in between no step waits for the GPU")
     a("--resume", metavar="PATH", help="continue from this checkpoint (default: OUTPUT/"
       "checkpoint.pth if it exists)")
+    a("--fresh", action="store_true", help="start from scratch even if OUTPUT/checkpoint.pth "
+      "exists (its checkpoint and log.jsonl are overwritten)")
     a("--eval-only", action="store_true", help="top-1 / top-5 of --pretrained or --resume")
     a("--bench", action="store_true", help="images/s of --attn and softmax at --img-size")
     a("--bench-batch", type=int, help="default 128 on cuda, 8 on cpu")
@@ -1057,6 +1174,8 @@ def get_args(argv=None):
     a("--runs", nargs="+", metavar="DIR", help="run directories for --plot and --summary")
     p.set_defaults(**RECIPES["inline"])  # so that --help shows the default recipe
     args = p.parse_args(argv)
+    if args.fresh and args.resume:
+        p.error("--fresh starts from scratch; leave out --resume")
     if args.attn != "final" and any(getattr(args, f"no_{x}") for x in FINAL_PARTS):
         p.error(f"--no-{'/--no-'.join(FINAL_PARTS)} switch off parts of --attn final, "
                 f"not of --attn {args.attn}")
@@ -1091,6 +1210,46 @@ def attention_of(args):
     return functools.partial(ATTENTIONS["final"], **off) if off else args.attn
 
 
+# what makes the model: a checkpoint made with other values is of another model
+MODEL_FLAGS = ("data", "attn", *(f"no_{p}" for p in FINAL_PARTS), "img_size", "patch_size",
+               "embed_dim", "depth", "num_heads", "drop_path")
+# where and how a run goes, not what it trains: free to change when resuming
+NOT_THE_RUN = ("output", "resume", "fresh", "workers", "device", "compile", "check_every",
+               "data_path", "pretrained")
+
+
+def changed_settings(old, new, keys=None, skip=()):
+    """['--lr 0.008 then, 0.01 now', ...]: the settings (vars of args) that differ."""
+    heads = {d.get("num_heads") or default_heads(d.get("attn")) for d in (old, new)}
+    return [f"--{k.replace('_', '-')} {old.get(k)} then, {new.get(k)} now"
+            for k in (keys or old) if k not in skip and old.get(k) != new.get(k)
+            and not (k == "num_heads" and len(heads) == 1)]  # None: the default number
+
+
+def read_run_checkpoint(path, model, args, auto):
+    """A checkpoint of this script that continues this run: intact (its sha256), complete and of
+    this very model. Each refusal is one line; for OUTPUT/checkpoint.pth, found by itself (auto),
+    it says that the model changed since that run and how to start afresh."""
+    ckpt = read_checkpoint(path)
+    lacking = {"model", "optimizer", "epoch", "pending", "best_top1", "rng", "global_batch",
+               "args", "sha256"} - set(ckpt)
+    if lacking:
+        raise UserError(f"{path} is not a checkpoint of this version of the script (no "
+                        f"{', '.join(sorted(lacking))}): start afresh (--fresh, or another "
+                        f"--output), or from its weights with --pretrained {path}")
+    try:
+        changed = changed_settings(ckpt["args"], vars(args), keys=MODEL_FLAGS)
+        if changed:
+            raise UserError(", ".join(changed))
+        match_state_dict(model, ckpt["model"], path)
+    except UserError as e:
+        todo = ("to start afresh add --fresh (it overwrites that run) or choose another --output"
+                if auto else f"give that run's flags, or start from its weights with "
+                             f"--pretrained {path}")
+        raise UserError(f"the model changed since the run in {path} ({e}): {todo}") from None
+    return ckpt
+
+
 def build_model(args, num_classes):
     try:
         return VisionTransformer(args.img_size, args.patch_size, num_classes=num_classes,
@@ -1098,7 +1257,13 @@ def build_model(args, num_classes):
                                  num_heads=args.num_heads, drop_path_rate=args.drop_path,
                                  attn=attention_of(args))
     except ValueError as e:  # sizes that do not fit: a user error, not a bug
-        raise UserError(str(e)) from None
+        # name the sizes the demo (or --data cifar10 ...) chose, when they are in the message
+        chosen = [f"--{k.replace('_', '-')} {v}" for k, v in DATASETS[args.data].items()
+                  if k in ("img_size", "patch_size", "embed_dim") and getattr(args, k) == v
+                  and f"{k.replace('embed_', '')}={v}" in str(e) and not args.bench]
+        where = "the demo" if args.data == "demo" else f"--data {args.data}"
+        raise UserError(str(e) + (f" ({where} chose {' '.join(chosen)}; give it on the command "
+                                  f"line to change it)" if chosen else "")) from None
 
 
 def run(args):
@@ -1128,17 +1293,11 @@ def run(args):
     n_params = sum(p.numel() for p in model.parameters())
 
     ckpt_path = os.path.join(args.output, "checkpoint.pth")
-    resume = args.resume or (ckpt_path if os.path.exists(ckpt_path) and not args.eval_only
-                             else None)
+    auto = not (args.resume or args.fresh or args.eval_only) and os.path.exists(ckpt_path)
+    resume = args.resume or (ckpt_path if auto else None)  # OUTPUT/checkpoint.pth, found by itself
     ckpt = None
     if resume:
-        ckpt = read_checkpoint(resume)
-        lacking = {"model", "optimizer", "scheduler", "epoch", "best_top1", "rng"} - set(ckpt)
-        if lacking:
-            raise UserError(f"{resume} is not a checkpoint of this script (no "
-                            f"{', '.join(sorted(lacking))}); to start from its weights use "
-                            f"--pretrained")
-        match_state_dict(model, ckpt["model"], resume)
+        ckpt = read_run_checkpoint(resume, model, args, auto)
         model.load_state_dict(ckpt["model"])
     elif args.pretrained:
         load_pretrained(model, args.pretrained)
@@ -1158,61 +1317,97 @@ def run(args):
     if len(train_loader) == 0:
         raise UserError(f"{len(train_set)} training images cannot fill one batch of "
                         f"{args.batch_size} x {world} processes; lower --batch-size")
+    check_held_out(model, val_set, device, args, rank, world)  # before an epoch is spent
     os.makedirs(args.output, exist_ok=True)
-    global_batch = args.batch_size * world
-    peak, warmup_lr, min_lr = scaled_lrs(args, global_batch)
-    optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=peak,
+    global_batch, steps = args.batch_size * world, len(train_loader)
+    optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr,
                                   betas=tuple(args.betas), fused=device.type == "cuda")
-    steps = len(train_loader)
-    scheduler = lr_schedule(optimizer, peak, warmup_lr, min_lr,
-                            args.warmup_epochs * steps, args.epochs * steps)
-    scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
-    criterion = nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)  # takes soft targets
-    start_epoch, best = 0, 0.0
+    done, best, pending = 0, 0.0, None  # epochs trained, best top-1, an epoch not yet evaluated
     if ckpt is not None:
         optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
+        done, best, pending = ckpt["epoch"], ckpt["best_top1"], ckpt["pending"]
+    peak, scheduler = schedule(optimizer, args, global_batch, steps, done)  # lr of this batch
+    scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
+    criterion = nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)  # takes soft targets
+    log_path = os.path.join(args.output, "log.jsonl")
+    if ckpt is not None:
         if scaler.is_enabled() and ckpt.get("scaler"):
             scaler.load_state_dict(ckpt["scaler"])
-        start_epoch, best = ckpt["epoch"] + 1, ckpt["best_top1"]
+        if rank == 0:
+            keep_log(log_path, done - 1 if pending else done)  # the epochs it had evaluated
+        notes = [f"epoch {done} of {args.epochs} trained"
+                 + (", its evaluation still to do" if pending else f", best top-1 {best:.2f}%")]
+        notes += changed_settings(ckpt["args"], vars(args), skip=MODEL_FLAGS + NOT_THE_RUN)
+        if ckpt["global_batch"] != global_batch:
+            notes.append(f"global batch {ckpt['global_batch']} then, {global_batch} now: peak lr "
+                         f"{ckpt['peak_lr']:.2e} -> {peak:.2e}, the schedule goes on from "
+                         f"epoch {done + 1}")
+        if auto:
+            notes.append("to start afresh add --fresh or choose another --output")
+        log(f"resuming {'automatically ' if auto else ''}from {resume}: " + "; ".join(notes))
         if len(ckpt["rng"]) == world:  # last: nothing may draw random numbers after this
             set_rng_state(ckpt["rng"][rank])
         else:
             log(f"note: checkpoint from {len(ckpt['rng'])} processes, now {world}: "
                 f"random streams start afresh")
-            torch.manual_seed(args.seed + rank + 1000 * start_epoch)
-        log(f"resumed from {resume} at epoch {start_epoch} (best top-1 {best:.2f}%)")
+            torch.manual_seed(args.seed + rank + 1000 * done)
+    elif args.fresh and os.path.exists(ckpt_path):
+        log(f"--fresh: starting from scratch; {ckpt_path} and log.jsonl will be overwritten")
     log(f"{n_params:,} parameters, {world} process(es) on {device.type}, global batch "
         f"{global_batch}, peak lr {peak:.2e}, {steps} steps per epoch, amp {args.amp}")
-    if start_epoch >= args.epochs:
-        log(f"{resume} has finished all {args.epochs} epochs; nothing to train (raise --epochs "
-            f"or choose a new --output)")
+    if done >= args.epochs and not pending:
+        log(f"{resume} has trained {done} epochs, --epochs is {args.epochs}: nothing to train. "
+            f"To train on raise --epochs; to start again add --fresh or choose another --output")
         return {"best_top1": best}
 
-    for epoch in range(start_epoch, args.epochs):
-        train_loader.sampler.set_epoch(epoch)  # a new shuffle per epoch, same on every process
-        t0 = time.time()
-        loss = train_one_epoch(train_model, train_loader, criterion, optimizer, scheduler,
-                               scaler, mix, device, args, epoch, rank)
-        train_time = time.time() - t0
-        top1, top5 = evaluate(eval_model, val_loader, device, args, rank)
-        best = max(best, top1)
-        record = {"epoch": epoch, "loss": loss, "lr": optimizer.param_groups[0]["lr"],
-                  "top1": top1, "top5": top5, "best_top1": best,
-                  "images_per_s": steps * global_batch / train_time,
-                  "time_s": time.time() - t0}
+    saved = (done, pending is None) if ckpt is not None and resume == ckpt_path else None
+
+    def save(epoch, pending=None):
+        nonlocal saved
         rng = gather_rng_states(world)  # collective: every process takes part
         if rank == 0:
-            save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                         "scheduler": scheduler.state_dict(),
-                         "scaler": scaler.state_dict() if scaler.is_enabled() else None,
-                         "epoch": epoch, "best_top1": best, "rng": rng, "args": vars(args)},
-                        ckpt_path)
-            with open(os.path.join(args.output, "log.jsonl"), "a") as f:
-                f.write(json.dumps(record) + "\n")
-        log(f"epoch {epoch + 1:>3}/{args.epochs} | loss {loss:.4f} | lr {record['lr']:.2e} | "
-            f"top-1 {top1:6.2f}% top-5 {top5:6.2f}% | {record['images_per_s']:7.1f} img/s | "
-            f"{record['time_s']:6.1f} s")
+            save_checkpoint({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                             "scaler": scaler.state_dict() if scaler.is_enabled() else None,
+                             "epoch": epoch, "pending": pending, "best_top1": best, "rng": rng,
+                             "global_batch": global_batch, "peak_lr": peak, "args": vars(args)},
+                            ckpt_path)
+        saved = (epoch, pending is None)
+
+    try:
+        for epoch in range(done + 1 if pending is None else done, args.epochs + 1):  # from 1
+            if pending:  # it stopped while evaluating this epoch: its training is in the checkpoint
+                trained, pending = pending, None
+            else:
+                train_loader.sampler.set_epoch(epoch - 1)  # new shuffle, same on every process
+                t0 = time.time()
+                loss = train_one_epoch(train_model, train_loader, criterion, optimizer, scheduler,
+                                       scaler, mix, device, args, epoch, rank)
+                train_s = time.time() - t0
+                trained = {"epoch": epoch, "loss": loss, "lr": optimizer.param_groups[0]["lr"],
+                           "images_per_s": steps * global_batch / train_s, "train_s": train_s}
+                save(epoch, pending=trained)  # before evaluating: a failing one loses no training
+            t0 = time.time()
+            top1, top5 = evaluate(eval_model, val_loader, device, args, rank)
+            best = max(best, top1)
+            record = {**trained, "top1": top1, "top5": top5, "best_top1": best,
+                      "time_s": trained["train_s"] + time.time() - t0}
+            if rank == 0:  # a new run's first line replaces the log of any run before it
+                with open(log_path, "a" if ckpt is not None or epoch > 1 else "w") as f:
+                    f.write(json.dumps(record) + "\n")
+            save(epoch)
+            log(f"epoch {epoch:>3}/{args.epochs} | loss {record['loss']:.4f} | lr "
+                f"{record['lr']:.2e} | top-1 {top1:6.2f}% top-5 {top5:6.2f}% | "
+                f"{record['images_per_s']:7.1f} img/s | {record['time_s']:6.1f} s")
+    except KeyboardInterrupt:  # Ctrl-C: main prints this one line, no traceback
+        again = "the same command without --fresh" if args.fresh else "the same command"
+        if saved is None:
+            raise KeyboardInterrupt(f"nothing saved yet (the first checkpoint is written after "
+                                    f"epoch {done + 1}'s training); " + (f"the same command "
+                                    f"resumes from {resume} again" if resume else "")) from None
+        epoch, evaluated = saved
+        raise KeyboardInterrupt(f"the last checkpoint is {ckpt_path} (epoch {epoch} of "
+                                f"{args.epochs} trained{', evaluated' if evaluated else ''}); "
+                                f"{again} resumes from it") from None
     log(f"best top-1 {best:.2f}%; checkpoint and log.jsonl in {args.output}")
     if args.demo:
         log("To train on ImageNet (folders train/ and val/, one sub-folder per class):\n"
@@ -1249,6 +1444,10 @@ def main(argv=None):
     except UserError as e:
         # DataLoader workers re-raise with their traceback in the message: its last line is ours
         sys.exit("error: " + str(e).strip().splitlines()[-1].split("UserError: ")[-1])
+    except KeyboardInterrupt as e:  # Ctrl-C: one line (where the last checkpoint is), no traceback
+        if int(os.environ.get("RANK", 0)) == 0:
+            print("interrupted" + (f": {e}" if str(e) else ""), file=sys.stderr)
+        sys.exit(130)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -296,12 +296,12 @@ def test_image_folder_training_and_eval_only(tmp_path):
     res = deit.main(["--data-path", data, "--output", out, "--epochs", "2", "--batch-size", "4",
                      "--workers", "0", "--warmup-epochs", "1"] + model_args)
     log = [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]
-    assert [r["epoch"] for r in log] == [0, 1]
+    assert [r["epoch"] for r in log] == [1, 2]  # counted from 1, as the epoch lines
     assert {"loss", "lr", "top1", "top5", "images_per_s", "time_s"} <= set(log[0])
     assert all(math.isfinite(r["loss"]) and r["images_per_s"] > 0 for r in log)
     assert log[-1]["top5"] == 100.0  # two classes: the top-5 always hold the label
     ckpt = tensors(os.path.join(out, "checkpoint.pth"))
-    assert ckpt["epoch"] == 1 and ckpt["model"]["head.weight"].shape == (2, 32)
+    assert ckpt["epoch"] == 2 and ckpt["model"]["head.weight"].shape == (2, 32)
     again = deit.main(["--data-path", data, "--eval-only", "--resume",
                        os.path.join(out, "checkpoint.pth"), "--workers", "0"] + model_args)
     assert again["top1"] == pytest.approx(res["top1"])  # eval-only reproduces the logged top-1
@@ -319,16 +319,20 @@ def test_resume_continues_exactly(tmp_path, capsys, monkeypatch):
     def crash_in_second_epoch(*args, **kw):
         calls.append(1)
         if len(calls) == 2:
-            raise KeyboardInterrupt  # the job is killed near the end of epoch 2
+            raise KeyboardInterrupt  # Ctrl-C while epoch 2 is being evaluated
         return real_evaluate(*args, **kw)
     monkeypatch.setattr(deit, "evaluate", crash_in_second_epoch)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(SystemExit):
         deit.main(TINY + ["--epochs", "3", "--output", split])
     monkeypatch.undo()
-    assert tensors(f"{split}/checkpoint.pth")["epoch"] == 0
+    ckpt = tensors(f"{split}/checkpoint.pth")  # epoch 2's training was saved before evaluating
+    assert ckpt["epoch"] == 2 and ckpt["pending"]["epoch"] == 2
+    assert len(open(f"{split}/log.jsonl").readlines()) == 1
     capsys.readouterr()
     deit.main(TINY + ["--epochs", "3", "--output", split])  # finds b/checkpoint.pth by itself
-    assert "resumed from" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert f"resuming automatically from {split}{os.sep}checkpoint.pth" in out, out
+    assert "its evaluation still to do" in out and "--fresh" in out
     a, b = weights(f"{straight}/checkpoint.pth"), weights(f"{split}/checkpoint.pth")
     assert all(torch.allclose(a[k], b[k], atol=1e-6, rtol=0) for k in a)
     la = [json.loads(s) for s in open(f"{straight}/log.jsonl")]
@@ -343,6 +347,252 @@ def test_resume_continues_exactly(tmp_path, capsys, monkeypatch):
     assert not torch.allclose(a["head.weight"], c["head.weight"])
 
 
+def exit_line(argv):
+    """The one line main() exits with (SystemExit), checked to be a single line."""
+    with pytest.raises(SystemExit) as e:
+        deit.main(argv)
+    line = str(e.value.code)
+    assert "\n" not in line and "Traceback" not in line, line
+    return line
+
+
+@pytest.fixture(scope="module")
+def one_epoch_run(tmp_path_factory):
+    """A run directory after `TINY --epochs 1`, made once; tests copy it."""
+    out = str(tmp_path_factory.mktemp("one_epoch") / "run")
+    deit.main(TINY + ["--epochs", "1", "--output", out])
+    return out
+
+
+def copy_run(one_epoch_run, tmp_path):
+    import shutil
+    out = str(tmp_path / "run")
+    shutil.copytree(one_epoch_run, out)
+    return out, os.path.join(out, "checkpoint.pth")
+
+
+def test_automatic_resume_says_so_and_refuses_a_changed_model(one_epoch_run, tmp_path, capsys,
+                                                              monkeypatch):
+    out, ckpt = copy_run(one_epoch_run, tmp_path)
+    capsys.readouterr()
+    # the same command again: it says that it resumes, from where, how to start afresh, and
+    # that there is nothing left to train, with what to do about it
+    deit.main(TINY + ["--epochs", "1", "--output", out])
+    said = capsys.readouterr().out
+    assert f"resuming automatically from {ckpt}: epoch 1 of 1 trained" in said, said
+    assert "to start afresh add --fresh or choose another --output" in said
+    assert "nothing to train" in said and "raise --epochs" in said and "--fresh" in said
+    # a changed setting of the model: one line that says so, what differs, what to do
+    line = exit_line(TINY + ["--epochs", "2", "--output", out, "--embed-dim", "64"])
+    assert line.startswith(f"error: the model changed since the run in {ckpt}"), line
+    assert "--embed-dim 32 then, 64 now" in line and "--fresh" in line and "--output" in line
+    assert "--attn final then, inline now" in exit_line(TINY + ["--output", out,
+                                                                "--attn", "inline"])
+    # a changed model with the same flags (an edited module): the state_dicts differ
+    final = deit.ATTENTIONS["final"]
+    monkeypatch.setitem(deit.ATTENTIONS, "final", lambda *a, **k: final(*a, **k, local=False))
+    line = exit_line(TINY + ["--epochs", "2", "--output", out])
+    assert "the model changed since the run" in line and "unexpected keys: blocks.0.attn." \
+        "residual" in line and "--fresh" in line, line
+    monkeypatch.undo()
+    # other settings may change; the resume line names them
+    deit.main(TINY + ["--epochs", "2", "--output", out, "--seed", "3"])
+    assert "--epochs 1 then, 2 now; --seed 0 then, 3 now" in capsys.readouterr().out
+    # --fresh: from scratch, saying that it overwrites; the old log does not go on
+    deit.main(TINY + ["--epochs", "1", "--output", out, "--fresh"])
+    said = capsys.readouterr().out
+    assert "--fresh: starting from scratch" in said and "resuming" not in said
+    assert [json.loads(r)["epoch"] for r in open(os.path.join(out, "log.jsonl"))] == [1]
+    assert tensors(ckpt)["epoch"] == 1
+    with pytest.raises(SystemExit):
+        deit.get_args(["--fresh", "--resume", ckpt])  # contradictory: a usage error
+
+
+def test_one_epoch_numbering_and_ctrl_c(tmp_path, capsys, monkeypatch):
+    out = str(tmp_path / "run")
+    ckpt = os.path.join(out, "checkpoint.pth")
+    bars = []
+    real_tqdm = deit.tqdm
+    monkeypatch.setattr(deit, "tqdm", lambda *a, **k: bars.append(k.get("desc")) or
+                        real_tqdm(*a, **k))
+    real_forward, steps, stop_at = deit.VisionTransformer.forward, [], [6]
+
+    def ctrl_c(self, x):  # at training step 6: 4 steps per epoch, the second step of epoch 2
+        steps.append(self.training)
+        if sum(steps) == stop_at[0] and self.training:
+            raise KeyboardInterrupt
+        return real_forward(self, x)
+    monkeypatch.setattr(deit.VisionTransformer, "forward", ctrl_c)
+    argv = TINY + ["--epochs", "3", "--output", out]
+    with pytest.raises(SystemExit) as e:
+        deit.main(argv)
+    assert e.value.code == 130
+    said = capsys.readouterr()
+    assert "Traceback" not in said.err and said.err.count("\n") == 1, said.err
+    assert said.err == (f"interrupted: the last checkpoint is {ckpt} (epoch 1 of 3 trained, "
+                        f"evaluated); the same command resumes from it\n")
+    assert "epoch   1/3 |" in said.out and "epoch   2/3 |" not in said.out
+    monkeypatch.setattr(deit.VisionTransformer, "forward", real_forward)
+    deit.main(argv)  # the same command
+    said = capsys.readouterr().out
+    assert f"resuming automatically from {ckpt}: epoch 1 of 3 trained" in said
+    # the progress bars, the epoch lines, log.jsonl and the checkpoint count epochs alike
+    lines = [line.split("|")[0].split() for line in said.splitlines() if line.startswith("epoch")]
+    assert lines == [["epoch", "2/3"], ["epoch", "3/3"]], said
+    assert [b for b in bars if b.startswith("epoch")] == ["epoch 1/3", "epoch 2/3", "epoch 2/3",
+                                                          "epoch 3/3"]
+    assert [json.loads(r)["epoch"] for r in open(os.path.join(out, "log.jsonl"))] == [1, 2, 3]
+    assert tensors(ckpt)["epoch"] == 3 and tensors(ckpt)["pending"] is None
+    # Ctrl-C before the first checkpoint: nothing to resume, and it says so
+    monkeypatch.setattr(deit.VisionTransformer, "forward", ctrl_c)
+    steps.clear()
+    stop_at[0] = 2
+    with pytest.raises(SystemExit):
+        deit.main(TINY + ["--epochs", "1", "--output", str(tmp_path / "new")])
+    assert "interrupted: nothing saved yet" in capsys.readouterr().err
+
+
+def flip_middle_bytes(path, n=16):
+    data = bytearray(open(path, "rb").read())
+    mid = len(data) // 2
+    data[mid:mid + n] = bytes(b ^ 0xFF for b in data[mid:mid + n])
+    open(path, "wb").write(bytes(data))
+
+
+def test_damaged_checkpoint_is_refused(one_epoch_run, tmp_path):
+    out, ckpt = copy_run(one_epoch_run, tmp_path)
+    saved = tensors(ckpt)
+    assert saved["sha256"] == deit.checksum({k: v for k, v in saved.items() if k != "sha256"})
+    flip_middle_bytes(ckpt)
+    damaged = tensors(ckpt)  # torch.load itself notices nothing: the bytes were in a tensor
+    assert set(damaged) == set(saved) and damaged["sha256"] == saved["sha256"]
+    for argv in (["--output", out], ["--resume", ckpt, "--output", str(tmp_path / "b")]):
+        line = exit_line(TINY + ["--epochs", "2"] + argv)
+        assert line.startswith(f"error: checkpoint {ckpt} is damaged"), line
+        assert "sha256" in line and "--fresh" in line
+    # the checksum sees one changed value anywhere: a weight, an optimizer moment, a number
+    for change in (lambda c: c["model"]["head.bias"][0].add_(1e-7),
+                   lambda c: c["optimizer"]["state"][0]["exp_avg"].view(-1)[3].mul_(-1),
+                   lambda c: c.update(epoch=2)):
+        c = {k: v for k, v in tensors(os.path.join(out, "checkpoint.pth")).items()
+             if k != "sha256"}
+        before = deit.checksum(c)
+        change(c)
+        assert deit.checksum(c) != before
+
+
+def test_resumed_lr_follows_the_global_batch(one_epoch_run, tmp_path, capsys):
+    # another number of processes = another global batch and another number of steps per
+    # epoch; the place in the schedule is kept in epochs and the peak follows the new batch
+    args = deit.get_args(TINY + ["--epochs", "3"])
+    lrs = []
+    for batch, steps in ((16, 4), (32, 2)):  # 1 process x 16, then "2 processes" x 16
+        opt = torch.optim.AdamW(small_vit().parameters())
+        peak, sched = deit.schedule(opt, args, batch, steps)
+        for _ in range(steps):  # one epoch
+            opt.step()
+            sched.step()
+        lrs.append((peak, opt.param_groups[0]["lr"]))
+    opt = torch.optim.AdamW(small_vit().parameters())
+    peak, sched = deit.schedule(opt, args, 32, 2, epochs_done=1)  # resumed after epoch 1
+    assert peak == pytest.approx(2 * lrs[0][0]) == lrs[1][0]  # lr x global batch / 512
+    assert opt.param_groups[0]["lr"] == pytest.approx(lrs[1][1])  # epoch 2 starts where it should
+    # end to end: a resume with another global batch (here by --batch-size): the header, the
+    # resume line and the epoch lines give the new peak and the lr of its schedule
+    out, _ = copy_run(one_epoch_run, tmp_path)  # global batch 16
+    capsys.readouterr()
+    deit.main(TINY + ["--epochs", "3", "--output", out, "--batch-size", "32"])
+    said = capsys.readouterr().out
+    args = deit.get_args(TINY + ["--epochs", "3", "--batch-size", "32"])
+    peak, warmup_lr, min_lr = deit.scaled_lrs(args, 32)
+    assert f"global batch 32, peak lr {peak:.2e}" in said
+    assert f"global batch 16 then, 32 now: peak lr {peak / 2:.2e} -> {peak:.2e}" in said
+    # after epoch 2: step 4 of 6 (2 per epoch), warm-up 2 steps: half way down the cosine
+    expect = min_lr + (peak - min_lr) * 0.5 * (1 + math.cos(math.pi * (4 - 2) / (6 - 2)))
+    log = [json.loads(r) for r in open(os.path.join(out, "log.jsonl"))]
+    assert log[1]["epoch"] == 2 and log[1]["lr"] == pytest.approx(expect)
+    assert f"epoch   2/3 | loss {log[1]['loss']:.4f} | lr {expect:.2e} |" in said
+
+
+def help_text(monkeypatch, capsys):
+    monkeypatch.setenv("COLUMNS", "1000")  # one line per flag
+    with pytest.raises(SystemExit):
+        deit.get_args(["--help"])
+    text = capsys.readouterr().out
+    flags, current = {}, None
+    for line in text.splitlines():
+        if line.startswith("  --"):
+            current = line.split()[0]
+            flags[current] = line
+        elif current and line.startswith("      "):
+            flags[current] += " " + line.strip()
+    return flags
+
+
+def test_help_shows_every_default_once_and_what_the_demo_sets(monkeypatch, capsys):
+    monkeypatch.setitem(deit.DATASETS["demo"], "epochs", 7)  # read, not copied
+    flags = help_text(monkeypatch, capsys)
+    assert len(flags) > 40
+    for flag, line in flags.items():  # once: in the help's words, or appended, never both
+        assert line.count("(default") + line.count("[demo") <= 2 and \
+            not ("(default: " in line and "default: " in line.split("(default: ")[0]), line
+    for key, value in deit.DATASETS["demo"].items():
+        flag = "--" + key.replace("_", "-")
+        assert f"demo: {value}" in flags[flag], flags[flag]
+    assert "(default: 300) [demo: 7" in flags["--epochs"]
+    assert deit.get_args([]).epochs == 7  # what --help says is what the demo runs
+    assert "(default: 512) [demo: " in flags["--batch-size"] and "--recipe deit: 256" in \
+        flags["--batch-size"]
+    for flag in ("--img-size", "--patch-size", "--embed-dim", "--depth", "--seed", "--betas"):
+        assert "(default: " in flags[flag], flags[flag]
+    assert "(default: " not in flags["--num-heads"]  # its help says it in words
+
+
+def test_img_size_in_the_demo_names_the_demos_patch_size(tmp_path):
+    patch = deit.DATASETS["demo"]["patch_size"]
+    line = exit_line(["--img-size", str(3 * patch + 1), "--output", str(tmp_path)])
+    assert f"patch_size={patch}" in line and f"the demo chose --patch-size {patch}" in line, line
+
+
+def test_workers_default_to_the_cores_there_are(monkeypatch, tmp_path):
+    for cores, local_world, workers in ((2, None, 2), (32, None, 8), (16, "4", 4), (1, "2", 1)):
+        monkeypatch.setattr(os, "sched_getaffinity", lambda pid, n=cores: set(range(n)),
+                            raising=False)
+        if local_world:
+            monkeypatch.setenv("LOCAL_WORLD_SIZE", local_world)
+        else:
+            monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+        assert deit.default_workers() == workers
+        assert deit.get_args(["--data-path", str(tmp_path)]).workers == workers
+    monkeypatch.undo()
+    import warnings
+    loader = torch.utils.data.DataLoader(range(4), num_workers=deit.default_workers())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # torch warns of more workers than cores
+        loader.check_worker_number_rationality()
+
+
+def test_held_out_images_are_checked_before_training(tmp_path, monkeypatch):
+    trained = []
+    monkeypatch.setattr(deit, "train_one_epoch", lambda *a, **k: trained.append(1) or 1.0)
+    model_args = ["--img-size", "32", "--patch-size", "8", "--embed-dim", "32", "--depth", "1",
+                  "--num-heads", "2", "--batch-size", "4", "--workers", "0", "--epochs", "1"]
+    data = write_image_folder(tmp_path / "data", bad="val/dog/broken.png")
+    out = str(tmp_path / "out")
+    line = exit_line(["--data-path", data, "--output", out] + model_args)
+    assert "cannot read held-out image" in line and "broken.png" in line and \
+        "before training" in line, line
+    assert trained == [] and not os.path.exists(os.path.join(out, "checkpoint.pth"))
+    # images that do not fit the model (say an edited eval transform) are found before too
+    os.remove(os.path.join(data, "val", "dog", "broken.png"))
+    from torchvision.transforms import v2
+    monkeypatch.setattr(deit, "eval_transform", lambda args, native: v2.Compose(
+        [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Resize((24, 24))]))
+    line = exit_line(["--data-path", data, "--output", out] + model_args)
+    assert "held-out images do not fit the model" in line and "expected 32 x 32" in line, line
+    assert trained == []
+
+
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
     out = str(tmp_path / "run")
     deit.main(TINY + ["--epochs", "1", "--output", out])
@@ -352,9 +602,9 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch
                         lambda self, x: real_forward(self, x) * float("nan"))
     with pytest.raises(SystemExit) as e:
         deit.main(TINY + ["--epochs", "2", "--output", out])
-    assert "loss is nan at epoch 1, step 0" in str(e.value.code)
+    assert "loss is nan at epoch 2, step 1" in str(e.value.code)
     ckpt = tensors(f"{out}/checkpoint.pth")
-    assert ckpt["epoch"] == 0
+    assert ckpt["epoch"] == 1
     assert all(torch.equal(good[k], v) for k, v in ckpt["model"].items())
     assert len(open(f"{out}/log.jsonl").readlines()) == 1
 
@@ -626,7 +876,7 @@ def test_cifar_is_read_in_its_own_format_and_trains(tmp_path, monkeypatch):
     res = deit.main(["--data", "cifar10", "--data-path", str(tmp_path / "c10"), "--output", out]
                     + CIFAR_TINY)
     log = [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]
-    assert [r["epoch"] for r in log] == [0, 1] and all(math.isfinite(r["loss"]) for r in log)
+    assert [r["epoch"] for r in log] == [1, 2] and all(math.isfinite(r["loss"]) for r in log)
     assert tensors(os.path.join(out, "checkpoint.pth"))["model"]["head.weight"].shape == (10, 32)
     assert 0 <= res["top1"] <= 100 and res["top5"] >= res["top1"]
 
@@ -700,9 +950,9 @@ def test_no_host_sync_per_step(monkeypatch):
 
 
 def test_nan_between_checks_is_found_with_its_step():
-    with pytest.raises(deit.UserError, match=r"loss is nan at epoch 3, step 5"):
+    with pytest.raises(deit.UserError, match=r"loss is nan at epoch 3, step 6"):
         one_epoch(12, check_every=4, poison_at=5)        # seen at the look after step 8
-    with pytest.raises(deit.UserError, match=r"loss is nan at epoch 3, step 2"):
+    with pytest.raises(deit.UserError, match=r"loss is nan at epoch 3, step 3"):
         one_epoch(3, check_every=1000, poison_at=2)      # seen at the epoch's end
 
 
@@ -719,9 +969,9 @@ def test_nan_at_a_later_step_keeps_the_last_good_checkpoint(tmp_path, monkeypatc
     monkeypatch.setattr(deit.VisionTransformer, "forward", nan_at_third_training_step)
     with pytest.raises(SystemExit) as e:
         deit.main(TINY + ["--epochs", "2", "--output", out, "--check-every", "2"])
-    assert "loss is nan at epoch 1, step 2" in str(e.value.code)
+    assert "loss is nan at epoch 2, step 3" in str(e.value.code)
     ckpt = tensors(f"{out}/checkpoint.pth")
-    assert ckpt["epoch"] == 0 and all(torch.equal(good[k], v) for k, v in ckpt["model"].items())
+    assert ckpt["epoch"] == 1 and all(torch.equal(good[k], v) for k, v in ckpt["model"].items())
 
 
 # ----------------------------------------------------------------------------------------------
