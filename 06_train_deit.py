@@ -909,6 +909,7 @@ def plot_runs(runs, out_dir, log=print):
     import matplotlib
     matplotlib.use("Agg")  # files only, no window
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
     os.makedirs(out_dir, exist_ok=True)
     curves = {r: read_jsonl(os.path.join(r, "log.jsonl")) for r in runs
               if os.path.isfile(os.path.join(r, "log.jsonl"))}
@@ -925,6 +926,8 @@ def plot_runs(runs, out_dir, log=print):
             ax_top1.plot(epochs, [rec["top1"] for rec in recs], marker=".", label=os.path.basename(r))
         ax_loss.set(xlabel="epoch", ylabel="training loss", title="training loss")
         ax_top1.set(xlabel="epoch", ylabel="held-out top-1 (%)", title="held-out top-1")
+        for ax in (ax_loss, ax_top1):
+            ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))  # whole epochs
         for ax in (ax_loss, ax_top1):
             ax.grid(alpha=0.3)
         ax_top1.legend(fontsize=8)
@@ -977,8 +980,8 @@ def summarize_runs(runs, log=print):
                                                if l.split("-no-")[0] in order else len(order), l)):
         rows = groups[label]
         top1 = np.array([t for t, _, _ in rows])
-        std = top1.std(ddof=1) if len(top1) > 1 else float("nan")  # sample std over seeds
-        log(f"| {label} | {len(rows)} | {top1.mean():.1f} +- {std:.1f} | {top1.min():.1f} - "
+        std = f"{top1.std(ddof=1):.1f}" if len(top1) > 1 else "-"  # sample std over seeds
+        log(f"| {label} | {len(rows)} | {top1.mean():.1f} +- {std} | {top1.min():.1f} - "
             f"{top1.max():.1f} | {rows[0][1]:,} | {np.mean([s for _, _, s in rows]):.0f} |")
     return groups
 
