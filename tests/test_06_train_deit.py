@@ -1118,3 +1118,14 @@ def test_final_module_parts_switch_off_from_the_command_line(tmp_path):
     proc = subprocess.run([sys.executable, SCRIPT, "--attn", "softmax", "--no-gate"],
                           cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert proc.returncode != 0 and "not of --attn softmax" in proc.stderr
+
+
+def test_quick_shortens_only_the_demo_and_flags_still_win():
+    quick = deit.get_args(["--quick"])
+    assert all(getattr(quick, k) == v for k, v in deit.QUICK.items())
+    assert quick.img_size == deit.DEMO["img_size"] and quick.lr == deit.DEMO["lr"]  # same model
+    full = deit.get_args([])
+    assert full.demo_train > quick.demo_train and full.epochs > quick.epochs
+    assert deit.get_args(["--quick", "--epochs", "7"]).epochs == 7
+    with pytest.raises(SystemExit):
+        deit.get_args(["--quick", "--data", "cifar10"])
