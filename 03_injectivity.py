@@ -78,7 +78,9 @@ class InjectiveLinearAttention(linear.LinearAttention):
         super().__init__(dim, num_heads, qkv_bias, attn_drop, proj_drop, kernel=kernel)
 
     def attend(self, q, k, v):
-        return inline_attention(q, k, v, self.kernel, scale=self.scale / q.shape[-2])
+        # the d x d buffer and the means over N in float32, also under bf16 / fp16 (step 02)
+        s = self.scale / q.shape[-2]
+        return linear.in_float32(inline_attention, q, k, v, self.kernel, scale=s)
 
     def attention_weights(self, x):
         """(B, N, C) -> (B, H, N, N): eq. 5's weights, those attend() applies to the values."""

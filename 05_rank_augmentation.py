@@ -144,7 +144,7 @@ class RALAttention(nn.Module):
 
     def attend(self, q, k, v):
         """The attention core: (B, H, N, d) -> (B, H, N, d)."""
-        return rala_attention(q, k, v, self.scale)
+        return linear.in_float32(rala_attention, q, k, v, self.scale)  # float32 sums (step 02)
 
     def attention_weights(self, x):
         """(B, N, C) -> (B, H, N, N): the alpha-re-weighted weights attend() applies (no lepe, gate)."""
@@ -193,7 +193,10 @@ class RankAugmentedInLineAttention(locality.InLineAttention):
         return q, (reweighted_keys(q, k, self.scale) if self.reweight else k)  # (B, H, N, d)
 
     def attend(self, q, k, v):
-        # eq. 5 on (phi(q), alpha * phi(k)); the kernel is already applied, so "identity"
+        return linear.in_float32(self.reweighted_inline, q, k, v)  # float32 sums (step 02)
+
+    def reweighted_inline(self, q, k, v):
+        """eq. 5 on (phi(q), alpha * phi(k)); the kernel is already applied, so "identity"."""
         q, k = self.mapped(q, k)
         return injective.inline_attention(q, k, v, "identity", scale=self.scale / q.shape[-2])
 

@@ -370,3 +370,48 @@ def test_demos_import_matplotlib_only_for_plot():
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     r = subprocess.run([sys.executable, "-c", NO_MATPLOTLIB, root], capture_output=True, text=True)
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]
+
+
+# ----------------------------------------------------------------------------------------------
+# half precision: every linear kind sums its N tokens into the d x d buffer in float32
+
+LINEAR_KINDS = [name for name in ra.ATTENTIONS if name != "softmax"]
+
+
+def half_vs_float32(name, dtype, x_scale, core=False, **kw):
+    """(max |autocast output - float32 output| / max |float32 output|, autocast output) of the
+    module (or of its core attend(q, k, v) alone) at N = 3137 (DeiT at 896 px), C = 192, 6 heads."""
+    torch.manual_seed(0)
+    m = ra.ATTENTIONS[name](192, num_heads=6, **kw)
+    x = x_scale * torch.randn(1, 3137, 192, generator=torch.Generator().manual_seed(0))
+    run = (lambda x: m.attend(*m.split_heads(x))) if core else m
+    with torch.no_grad():
+        ref = run(x)
+        with torch.autocast("cpu", dtype=dtype):
+            y = run(x)
+    return float((y.float() - ref).abs().max() / ref.abs().max()), y
+
+
+@pytest.mark.parametrize("name", LINEAR_KINDS)
+def test_bf16_autocast_matches_float32_at_3137_tokens(name):
+    # bf16 keeps 8 significant bits: unit roundoff u = 2**-9 ~ 2e-3. The input, the projections
+    # and the output projection each round once (the core runs in float32), so a few u of the
+    # output's scale is expected (measured ~6e-3); 2e-2 = 10 u allows that and catches any step
+    # whose sums over N run in bf16 and drift further.
+    err, y = half_vs_float32(name, torch.bfloat16, 1.0)
+    assert y.dtype == torch.bfloat16
+    assert err < 2e-2, f"{name}: bf16 autocast output off float32 by {err:.2e} (relative) > 2e-2"
+
+
+@pytest.mark.parametrize("name", LINEAR_KINDS)
+def test_fp16_autocast_sums_over_n_do_not_overflow(name):
+    # tokens of scale 16: q, k, v entries ~10, so sums over N = 3137 tokens (the d x d buffer, the
+    # normaliser phi(q_i) . sum_t phi(k_t)) pass fp16's largest value 65504. In fp16 they become
+    # inf and the output NaN; accumulated in float32 the output stays within a few fp16 units
+    # (u = 2**-11 ~ 5e-4; measured <= 2e-3) of float32's. The core alone: CPU has no fast fp16
+    # depthwise convolution (the local residual, lepe), and the core is where the sums are.
+    err, y = half_vs_float32(name, torch.float16, 16.0, core=True)
+    assert y.dtype == torch.float16
+    assert torch.isfinite(y).all(), f"{name}: fp16 autocast core output has inf / NaN: sums " \
+                                    f"over N must accumulate in float32"
+    assert err < 1e-2, f"{name}: fp16 autocast core off float32 by {err:.2e} (relative) > 1e-2"
