@@ -53,20 +53,20 @@ def kv_buffer(k, v):
     return k.transpose(-2, -1) @ v
 
 
-def in_float32(core, q, k, v, *args, **kwargs):
-    """core(q, k, v, ...) computed in float32 (autocast off) when q, k, v are bf16 / fp16, the
-    result returned in their dtype; float32 and float64 pass through as they are.
+def in_float32(core, *tensors, **kwargs):
+    """core(*tensors, ...) computed in float32 (autocast off) when the tensors are bf16 / fp16, the
+    result returned in the first one's dtype; float32 and float64 pass through as they are.
 
     Linear attention sums N terms into its d x d buffer and its normaliser. In fp16 those sums
     overflow (max 65504) at a few thousand tokens of moderate size and the output becomes NaN, the
     known failure of linear attention in half precision; in bf16 they keep only 8 bits. Under
     autocast the projections stay in bf16 / fp16 (the bulk of the time), only the core is float32.
     """
-    dtype = q.dtype
-    with torch.autocast(q.device.type, enabled=False):  # or autocast casts the matmuls back down
+    dtype = tensors[0].dtype
+    with torch.autocast(tensors[0].device.type, enabled=False):  # or it casts the matmuls down
         if dtype in (torch.float16, torch.bfloat16):
-            return core(q.float(), k.float(), v.float(), *args, **kwargs).to(dtype)
-        return core(q, k, v, *args, **kwargs)
+            return core(*(t.float() for t in tensors), **kwargs).to(dtype)
+        return core(*tensors, **kwargs)
 
 
 def linear_attention(q, k, v, kernel="relu", eps=1e-6):
@@ -100,7 +100,7 @@ class LinearAttention(softmax.SoftmaxAttention):
         self.kernel = kernel
 
     def attend(self, q, k, v):
-        return in_float32(linear_attention, q, k, v, self.kernel)  # float32 sums under autocast
+        return in_float32(linear_attention, q, k, v, kernel=self.kernel)  # float32 sums under autocast
 
     def attention_weights(self, x):
         """(B, N, C) -> (B, H, N, N): the weights attend() applies to the values."""

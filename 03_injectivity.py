@@ -80,7 +80,7 @@ class InjectiveLinearAttention(linear.LinearAttention):
     def attend(self, q, k, v):
         # the d x d buffer and the means over N in float32, also under bf16 / fp16 (step 02)
         s = self.scale / q.shape[-2]
-        return linear.in_float32(inline_attention, q, k, v, self.kernel, scale=s)
+        return linear.in_float32(inline_attention, q, k, v, kernel=self.kernel, scale=s)
 
     def attention_weights(self, x):
         """(B, N, C) -> (B, H, N, N): eq. 5's weights, those attend() applies to the values."""

@@ -144,7 +144,7 @@ class RALAttention(nn.Module):
 
     def attend(self, q, k, v):
         """The attention core: (B, H, N, d) -> (B, H, N, d)."""
-        return linear.in_float32(rala_attention, q, k, v, self.scale)  # float32 sums (step 02)
+        return linear.in_float32(rala_attention, q, k, v, scale=self.scale)  # float32 sums (step 02)
 
     def attention_weights(self, x):
         """(B, N, C) -> (B, H, N, N): the alpha-re-weighted weights attend() applies (no lepe, gate)."""
@@ -210,13 +210,94 @@ class RankAugmentedInLineAttention(locality.InLineAttention):
         q, k, v = self.split_heads(x)
         return injective.centred_kv_buffer(self.mapped(q, k)[1], v)
 
-    def forward(self, x):
+    def reference(self, x):
+        """The module, written as its definition: eq. 5 on re-weighted keys (attend), the local
+        residual (step 04) and the gate. forward() computes the same function faster; the tests
+        check the two agree in float64, outputs and gradients."""
         q, k, v = self.split_heads(x)                         # (B, H, N, d)
         out = self.merge_heads(self.attend(q, k, v))          # (B, N, C)
         if self.residual is not None:
             out = out + self.local_residual(x, v)
         if self.gate is not None:
             out = out * self.gate(x)
+        return self.proj_drop(self.proj(out))
+
+    # -- the same function, arranged for speed. Each line says which identity it uses.
+
+    def stacked_projection(self):
+        """[W_qkv; W_gate] (4C, C) and its bias: q, k, v and the gate o from one GEMM. The
+        parameters stay `qkv` and `gate`, so checkpoints load unchanged."""
+        w, b = self.qkv.weight, self.qkv.bias
+        if b is None:  # qkv_bias=False
+            b = torch.zeros(3 * self.dim, dtype=w.dtype, device=w.device)
+        if self.gate is None:
+            return w, b
+        return torch.cat([w, self.gate.weight]), torch.cat([b, self.gate.bias])
+
+    def residual_kernels(self, x_mean):
+        """residual(mean token) with its two grouped 1x1 convolutions as one bmm each over the head
+        groups (a grouped 1x1 convolution is a block-diagonal matrix): (B, C) -> (B*C, 1, w, w)."""
+        conv1, act, conv2 = self.residual
+        B, C = x_mean.shape
+        G, w = self.num_heads, self.window
+        h = x_mean.view(B, G, C // G).transpose(0, 1)                      # (G, B, C/G)
+        h = torch.baddbmm(conv1.bias.view(G, 1, -1), h, conv1.weight.view(G, C // G, -1).mT)
+        h = torch.baddbmm(conv2.bias.view(G, 1, -1), act(h), conv2.weight.view(G, -1, C // G).mT)
+        return h.transpose(0, 1).reshape(B * C, 1, w, w)                   # (G, B, w*w*C/G) -> kernels
+
+    def fast_attend(self, q, k, v, q_mean, k_mean, v_mean):
+        """attend() from q, k, v (B, H, N, d) and their means over the tokens (B, H, 1, d)."""
+        n = q.shape[-2]
+        if self.reweight:
+            # alpha_j = N softmax_j(s mean_i(q_i) . k_j); mean_i q_i is the mean token's query
+            alpha = n * torch.softmax(self.scale * (k @ q_mean.mT), dim=-2)  # (B, H, N, 1)
+            # sum_j (a_j k_j - mean_t a_t k_t) v_j^T = K^T diag(a) V - (K^T a) mean(v)^T
+            #   = K^T (a * (V - mean(v))): InLine's centring by algebra, alpha folded into V
+            kv = k.mT @ torch.addcmul(-alpha * v_mean, alpha, v)        # (B, H, d, d)
+        else:
+            # alpha = 1: sum_j (k_j - mean k) v_j^T = K^T V - N mean(k) mean(v)^T
+            kv = k.mT @ v - n * k_mean.mT @ v_mean                       # (B, H, d, d)
+        # out_i = s/N q_i^T KV + mean_j v_j  (eq. 5, s/N the module's scale), one fused GEMM
+        B, H, _, d = q.shape
+        out = torch.baddbmm(v_mean.reshape(B * H, 1, d), q.reshape(B * H, n, d),
+                            (self.scale / n * kv).reshape(B * H, d, d))
+        return out.view(B, H, n, d)
+
+    def fast_local_residual(self, v, r):
+        """local_residual() from the head-split values v (B, H, N, d) and the kernels r
+        (B*C, 1, w, w): the depthwise convolution on a channels-last map -> (B, H, H*W, d)."""
+        B, H, N, d = v.shape
+        side, cls = locality.grid_size(N)
+        # (1, B*C, S, S) in channels_last memory = (S, S, B, H, d): one copy, then the fast kernel
+        v_map = v[:, :, cls:].permute(2, 0, 1, 3).reshape(1, side, side, B * H * d)
+        out = F.conv2d(v_map.permute(0, 3, 1, 2), r, padding=self.window // 2, groups=B * H * d)
+        return out.permute(0, 2, 3, 1).reshape(side * side, B, H, d).permute(1, 2, 0, 3)
+
+    def forward(self, x):
+        if self.kernel != "identity":  # the shortcuts need phi linear: mean phi(q) = phi(mean q)
+            return self.reference(x)
+        if x.dim() != 3 or x.shape[-1] != self.dim:
+            raise ValueError(f"expected x of shape (B, N, {self.dim}), got {tuple(x.shape)}")
+        B, N, C = x.shape
+        H, d = self.num_heads, self.head_dim
+        if self.residual is not None:
+            locality.grid_size(N)  # N must be a grid: fail here with its message
+        x_mean = x.mean(dim=1)                                     # (B, C)
+        w, b = self.stacked_projection()
+        parts = w.shape[0] // C                                    # q, k, v (and the gate)
+        # the head split, as one copy: (B, N, parts*C) -> (parts, B, H, N, d) contiguous
+        p = F.linear(x, w, b).view(B, N, parts, H, d).permute(2, 0, 3, 1, 4).contiguous()
+        q, k, v, *o = p.unbind(0)                                  # (B, H, N, d) each
+        # mean_i (x_i W^T + b) = mean(x) W^T + b: the means of q, k, v from the mean token
+        p_mean = F.linear(x_mean, w, b).view(B, parts, H, 1, d).transpose(0, 1)
+        q_mean, k_mean, v_mean = p_mean.unbind(0)[:3]              # (B, H, 1, d) each
+        out = linear.in_float32(self.fast_attend, q, k, v, q_mean, k_mean, v_mean)  # (B, H, N, d)
+        if self.residual is not None:
+            local = self.fast_local_residual(v, self.residual_kernels(x_mean))
+            out[:, :, N - local.shape[2]:] += local                # class token: no residual
+        if self.gate is not None:
+            out = out * o[0]                                       # the gate o, per channel
+        out = out.transpose(1, 2).reshape(B, N, C)                 # merge the heads
         return self.proj_drop(self.proj(out))
 
 

@@ -415,3 +415,37 @@ def test_fp16_autocast_sums_over_n_do_not_overflow(name):
     assert torch.isfinite(y).all(), f"{name}: fp16 autocast core output has inf / NaN: sums " \
                                     f"over N must accumulate in float32"
     assert err < 1e-2, f"{name}: fp16 autocast core off float32 by {err:.2e} (relative) > 1e-2"
+
+
+# ----------------------------------------------------------------------------------------------
+# the final module's fast forward equals its definition (reference), outputs and gradients
+
+FLAGS = [dict(), dict(reweight=False), dict(gate=False), dict(local=False),
+         dict(reweight=False, gate=False, local=False), dict(qkv_bias=False), dict(window=5)]
+
+
+@pytest.mark.parametrize("flags", FLAGS, ids=lambda f: ",".join(f"{k}={v}" for k, v in f.items()) or "all")
+@pytest.mark.parametrize("B,N", [(2, 17), (1, 16), (3, 50)])
+def test_fast_forward_equals_reference_in_float64(flags, B, N):
+    torch.manual_seed(0)
+    m = ra.RankAugmentedInLineAttention(24, num_heads=3, **flags).double()
+    x = rand(B, N, 24, seed=40).requires_grad_()
+    g = rand(B, N, 24, seed=41)
+    y, y_ref = m(x), m.reference(x)
+    assert_close(y, y_ref, f"fast forward (mean token, centring by algebra, stacked GEMM, "
+                 f"channels-last residual) = reference, {flags}", atol=1e-12)
+    grads = torch.autograd.grad(y, [x] + list(m.parameters()), g)
+    grads_ref = torch.autograd.grad(y_ref, [x] + list(m.parameters()), g)
+    names = ["x"] + [n for n, _ in m.named_parameters()]
+    for name, a, b in zip(names, grads, grads_ref):
+        assert_close(a, b, f"gradient of {name}: fast forward = reference, {flags}", atol=1e-11)
+
+
+def test_fast_forward_keeps_the_official_parameters():
+    m = ra.RankAugmentedInLineAttention(192, num_heads=6)
+    assert set(m.state_dict()) == {"qkv.weight", "qkv.bias", "gate.weight", "gate.bias",
+                                   "proj.weight", "proj.bias", "residual.0.weight",
+                                   "residual.0.bias", "residual.2.weight", "residual.2.bias"}
+    inline = loc.InLineAttention(192, num_heads=6)
+    extra = sum(p.numel() for p in m.parameters()) - sum(p.numel() for p in inline.parameters())
+    assert extra == 192 * 192 + 192  # the gate Linear only
