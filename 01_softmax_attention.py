@@ -199,6 +199,23 @@ def spread(times):
     return times[len(times) // 2], times[0], times[-1]
 
 
+def compare(fns, baseline, repeat=3, device="cpu"):
+    """Time the closures of the dict `fns` interleaved (`timings`; warm them up first) and set
+    each against fns[baseline] round by round, so that a change in the machine's load between
+    rounds cancels in the ratio. {name: {"time": (median, min, max) seconds, "ratio": (median,
+    min, max) of its time / the baseline's time in the same round}}."""
+    t = timings(fns, repeat, device)
+    return {name: {"time": spread(ts), "ratio": spread([a / b for a, b in zip(ts, t[baseline])])}
+            for name, ts in t.items()}
+
+
+def unsteady(results, limit=0.1):
+    """{name: (max - min) / median} of the entries of compare()'s results whose timings spread
+    by more than `limit` of their median: a sign that the machine was busy."""
+    spreads = {name: (r["time"][2] - r["time"][1]) / r["time"][0] for name, r in results.items()}
+    return {name: s for name, s in spreads.items() if s > limit}
+
+
 def measure(fn, repeat=3, device="cpu"):
     """(median seconds, peak extra bytes) of fn() running on `device`. The first call measures
     the peak memory (and warms up); a second, timed call decides how many more to time: `repeat`

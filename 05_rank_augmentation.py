@@ -487,29 +487,63 @@ def show_ranks(args):
 # benchmark
 
 
-def bench(args):
-    """Forward + backward time and peak memory of every module, as ratios to softmax (SDPA)."""
-    print(f"Forward + backward of each module: B = {args.batch}, C = 192, 6 heads, float32,"
-          f" CPU ({torch.get_num_threads()} threads)."
-          f"\nEach entry: time / softmax time, peak memory / softmax peak memory (softmax = SDPA,"
-          f"\nmeasured in the same run; below 1 is better).")
+def bench_batch(n, batch=None):
+    """B for --bench at N tokens: `batch` if given, else 8, fewer at large N (min(8, 32768 // N),
+    so that one softmax call stays about 10 s here and the whole bench a few minutes)."""
+    return batch or max(1, min(8, 32768 // n))
+
+
+def bench(args, spread_limit=0.1):
+    """Time (median of --repeat rounds, modules interleaved) and peak memory of every module,
+    forward + backward and inference, as ratios to softmax (SDPA) in the same round."""
     names = list(ATTENTIONS)
-    print(f"   {'N':>6} | {'softmax ms':>10} {'MB':>7} | " + " | ".join(f"{n:>12}" for n in names[1:]))
+    print(f"Every module at C = 192, 6 heads, float32, CPU ({torch.get_num_threads()} threads);"
+          f" at least {args.repeat} rounds (more where a call is\nshort: up to 1 s of softmax"
+          f" time), each running every module once (interleaved), after one warm-up call that"
+          f"\nalso measures peak memory. ms: median [min - max]; x softmax:"
+          f" median [min - max] of the per-round ratio\nto softmax (SDPA, same round); below 1 is"
+          f" better.")
+    final, busy = {}, {}
     for n in args.sizes:
-        x = torch.randn(args.batch, n, 192, requires_grad=True)
-        row = {}
+        B = bench_batch(n, args.batch)
+        x = torch.randn(B, n, 192, requires_grad=True)                        # (B, N, C)
+        mods = {}
         for name in names:
             torch.manual_seed(0)
-            m = ATTENTIONS[name](192, num_heads=6)
-            row[name] = softmax.measure(softmax.fwd_bwd(m, x), repeat=args.repeat)
-            del m
-        t0, m0 = row["softmax"]
-        cells = [f"{row[k][0] / t0:>5.2f} {(row[k][1] / m0 if m0 else float('nan')):>6.3f}"
-                 for k in names[1:]]
-        print(f"   {n:>6} | {t0 * 1e3:>10.1f} {softmax.fmt_mb(m0):>7} | " + " | ".join(cells), flush=True)
+            mods[name] = ATTENTIONS[name](192, num_heads=6)
+        passes = {"forward + backward": {k: softmax.fwd_bwd(m, x) for k, m in mods.items()},
+                  "inference (no grad)": {k: no_grad(m, x) for k, m in mods.items()}}
+        for title, fns in passes.items():
+            peak = {k: softmax.peak_memory(fn) for k, fn in fns.items()}  # and the warm-up call
+            t_call = softmax.timings({"softmax": fns["softmax"]}, 1)["softmax"][0]
+            rounds = max(args.repeat, min(25, int(1.0 / t_call)))
+            res = softmax.compare(fns, "softmax", rounds)
+            print(f"\nN = {n}, B = {B}, {title}, {rounds} rounds")
+            print(f"   {'module':>9} | {'ms [min - max]':>27} | {'x softmax [min - max]':>23} |"
+                  f" {'peak MB':>8} {'x softmax':>9}")
+            for k in names:
+                (t, t0, t1), (r, r0, r1) = res[k]["time"], res[k]["ratio"]
+                mem = peak[k] / peak["softmax"] if peak[k] is not None and peak["softmax"] else None
+                print(f"   {k:>9} | {t * 1e3:>9.1f} [{t0 * 1e3:>6.1f} - {t1 * 1e3:>6.1f}] |"
+                      f" {r:>6.3f} [{r0:.3f} - {r1:.3f}] | {softmax.fmt_mb(peak[k]):>8}"
+                      f" {'n/a' if mem is None else f'{mem:.2f}':>9}", flush=True)
+            final[n, title] = (res["final"]["ratio"][0], mem)
+            if softmax.unsteady(res, spread_limit):
+                busy[f"N = {n}, {title}"] = softmax.unsteady(res, spread_limit)
+    print("\nThe final module / softmax (median ratios):")
+    print(f"   {'N':>6} | {'time, fwd + bwd':>15} {'memory':>7} | {'time, inference':>15} {'memory':>7}")
+    for n in args.sizes:
+        (tt, mt), (ti, mi) = final[n, "forward + backward"], final[n, "inference (no grad)"]
+        print(f"   {n:>6} | {tt:>15.3f} {'n/a' if mt is None else f'{mt:.2f}':>7} |"
+              f" {ti:>15.3f} {'n/a' if mi is None else f'{mi:.2f}':>7}")
+    if busy:
+        print(f"\nwarning: timings spread by more than {spread_limit:.0%} of their median (the"
+              f" machine was busy?); rerun on an idle machine or with more --repeat:\n   "
+              + "\n   ".join(f"{where}: " + ", ".join(f"{k} {s:.0%}" for k, s in mods.items())
+                            for where, mods in busy.items()))
     if args.profile:
         n = args.profile
-        x = torch.randn(args.batch, n, 192, requires_grad=True)
+        x = torch.randn(bench_batch(n, args.batch), n, 192, requires_grad=True)
         m = RankAugmentedInLineAttention(192, num_heads=6)
         run = softmax.fwd_bwd(m, x)
         run()
@@ -517,6 +551,15 @@ def bench(args):
             run()
         print(f"\nWhere the final module's time goes at N = {n} (torch.profiler, self CPU time):")
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
+    return {"final": final, "busy": busy}
+
+
+def no_grad(fn, *inputs):
+    """A closure that runs fn(*inputs) forward only, without autograd (inference)."""
+    def run():
+        with torch.no_grad():
+            fn(*inputs)
+    return run
 
 
 def main(argv=None):
@@ -532,8 +575,9 @@ def main(argv=None):
     p.add_argument("--bench", action="store_true", help="time and memory of every module instead")
     p.add_argument("--sizes", type=int, nargs="+", default=[197, 785, 3137, 12545],
                    help="N for --bench (DeiT at 224, 448, 896, 1792 px)")
-    p.add_argument("--batch", type=int, default=8, help="batch size for --bench")
-    p.add_argument("--repeat", type=int, default=3, help="timed runs per entry for --bench")
+    p.add_argument("--batch", type=int, help="batch size for --bench (default: 8, fewer from"
+                   " N = 4097 on: min(8, 32768 // N))")
+    p.add_argument("--repeat", type=int, default=3, help="timed rounds for --bench (median)")
     p.add_argument("--profile", type=int, default=0, metavar="N",
                    help="with --bench: also profile the final module at N tokens")
     args = p.parse_args(argv)

@@ -990,49 +990,72 @@ def summarize_runs(runs, log=print):
 # benchmark: the chosen attention against softmax, same run, same settings
 
 
-def bench(args, device, log):
+def bench(args, device, log, spread_limit=0.1):
     """Train (forward, backward, AdamW step) and inference images/s at --img-size, for the chosen
-    attention and for softmax (timm's DeiT-T with 3 heads), on random images."""
+    attention and for softmax (timm's DeiT-T with 3 heads), on random images: --bench-steps
+    rounds, each running both models once (interleaved, so load hits both alike), after one
+    step that measures peak memory and --bench-warmup untimed ones. Returns {name: (train img/s, infer img/s)}."""
     batch = args.bench_batch or (128 if device.type == "cuda" else 8)
     x = torch.randn(batch, 3, args.img_size, args.img_size, device=device)  # (B, 3, S, S)
     y = torch.randint(1000, (batch,), device=device)
     log(f"bench: {args.depth} blocks x {args.embed_dim} channels, {args.img_size} px "
         f"(N = {1 + (args.img_size // args.patch_size) ** 2} tokens), batch {batch}, "
         f"{device.type}, amp {args.amp}, compile {args.compile}"
-        + ("" if device.type == "cuda" else f", {torch.get_num_threads()} threads"))
-    log(f"{'attention':>10} {'heads':>5} {'params':>9} | {'train img/s':>11} {'peak MB':>8} |"
-        f" {'infer img/s':>11} {'peak MB':>8}")
-    speed = {}
-    for name in dict.fromkeys([args.attn, "softmax"]):
+        + ("" if device.type == "cuda" else f", {torch.get_num_threads()} threads")
+        + f", {args.bench_steps} rounds (median [min - max])")
+    names = list(dict.fromkeys([args.attn, "softmax"]))
+    models, train, infer, peak = {}, {}, {}, {}
+    for name in names:
         heads = args.num_heads if name == args.attn else None
         model = build_model(argparse.Namespace(**{**vars(args), "attn": name,
                                                   "num_heads": heads}), 1000).to(device)
         run = torch.compile(model) if args.compile else model
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
 
-        def train_step():
+        def train_step(model=model, run=run, opt=opt):
+            model.train()
             with autocast(device, args.amp):
                 loss = F.cross_entropy(run(x), y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
 
-        def infer():
+        def infer_step(model=model, run=run):
+            model.eval()
             with torch.no_grad(), autocast(device, args.amp):
                 run(x)
-        model.train()
-        t_train, m_train = softmax.measure(train_step, args.bench_steps, device)
-        model.eval()
-        t_infer, m_infer = softmax.measure(infer, args.bench_steps, device)
-        speed[name] = (batch / t_train, batch / t_infer)
-        log(f"{name:>10} {model.num_heads:>5} {sum(p.numel() for p in model.parameters()):>9,} |"
-            f" {speed[name][0]:>11.1f} {softmax.fmt_mb(m_train):>8} |"
-            f" {speed[name][1]:>11.1f} {softmax.fmt_mb(m_infer):>8}")
-        del model, run, opt
+        models[name], train[name], infer[name] = model, train_step, infer_step
+        # the first calls (they compile, with --compile) measure peak memory; a few more before
+        # timing, as the allocator and caches settle over the first steps (measured on CPU: the
+        # final model's first 3-5 training steps are up to 1.7x slower than its later ones)
+        peak[name] = (softmax.peak_memory(train_step, device), softmax.peak_memory(infer_step, device))
+        for _ in range(args.bench_warmup):
+            train_step(), infer_step()
+    res = {"train": softmax.compare(train, "softmax", args.bench_steps, device),
+           "infer": softmax.compare(infer, "softmax", args.bench_steps, device)}
+    log(f"{'attention':>10} {'heads':>5} {'params':>9} | {'train img/s [min - max]':>25} {'peak MB':>8}"
+        f" | {'infer img/s [min - max]':>25} {'peak MB':>8}")
+    speed = {}
+    for name in names:
+        cells = []
+        for i, mode in enumerate(("train", "infer")):
+            t, t0, t1 = res[mode][name]["time"]  # seconds per batch: img/s = batch / t
+            cells.append(f"{batch / t:>9.1f} [{batch / t1:>6.1f} - {batch / t0:>6.1f}]"
+                         f" {softmax.fmt_mb(peak[name][i]):>8}")
+        speed[name] = tuple(batch / res[mode][name]["time"][0] for mode in ("train", "infer"))
+        log(f"{name:>10} {models[name].num_heads:>5} "
+            f"{sum(p.numel() for p in models[name].parameters()):>9,} | " + " | ".join(cells))
     if args.attn != "softmax":
-        (a_tr, a_in), (s_tr, s_in) = speed[args.attn], speed["softmax"]
-        log(f"{args.attn} / softmax: train x{a_tr / s_tr:.2f}, inference x{a_in / s_in:.2f} "
-            f"(> 1: faster than softmax)")
+        # img/s ratio = softmax's time / its time, per round; median [min - max] over rounds
+        ratio = {m: [1 / r for r in res[m][args.attn]["ratio"]] for m in res}
+        log(f"{args.attn} / softmax img/s: train x{ratio['train'][0]:.2f} [{ratio['train'][2]:.2f}"
+            f" - {ratio['train'][1]:.2f}], inference x{ratio['infer'][0]:.2f} "
+            f"[{ratio['infer'][2]:.2f} - {ratio['infer'][1]:.2f}] (> 1: faster than softmax)")
+    busy = {m: softmax.unsteady(r, spread_limit) for m, r in res.items()}
+    if any(busy.values()):
+        log(f"warning: timings spread by more than {spread_limit:.0%} of their median (the machine"
+            f" was busy?); rerun on an idle machine or with more --bench-steps: " + ", ".join(
+                f"{m} {k} {v:.0%}" for m, b in busy.items() for k, v in b.items()))
     return speed
 
 
@@ -1167,7 +1190,8 @@ def get_args(argv=None):
     a("--eval-only", action="store_true", help="top-1 / top-5 of --pretrained or --resume")
     a("--bench", action="store_true", help="images/s of --attn and softmax at --img-size")
     a("--bench-batch", type=int, help="default 128 on cuda, 8 on cpu")
-    a("--bench-steps", type=int, default=5, help="timed steps (median)")
+    a("--bench-steps", type=int, default=5, help="timed rounds, each a step of both models (median)")
+    a("--bench-warmup", type=int, default=3, help="untimed steps of each model before the rounds")
     # analysis of trained models (the papers' measurements) and figures
     a("--analyze", action="store_true", help="per-block local attention mass, confused query "
       "pairs and ranks of --resume / --pretrained weights (default: OUTPUT/checkpoint.pth if "

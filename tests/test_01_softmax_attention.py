@@ -114,6 +114,26 @@ def test_measure_and_timings():
     assert sm.spread([3.0, 1.0, 2.0]) == (2.0, 1.0, 3.0)
 
 
+def test_compare_sets_each_round_against_the_baseline(monkeypatch):
+    # a fake clock: "slow" takes 2 units and "fast" 1, and the machine gets 10x slower in round 2;
+    # the per-round ratio cancels the load, and the spread of the times flags it
+    clock, load = [0.0], [1.0]
+    monkeypatch.setattr(sm.time, "perf_counter", lambda: clock[0])
+
+    def work(units):
+        def fn():
+            clock[0] += units * load[0]
+        return fn
+    fns = {"fast": work(1), "slow": work(2), "next": lambda: load.__setitem__(0, 10 * load[0])}
+    res = sm.compare(fns, "fast", repeat=3)
+    assert res["slow"]["ratio"] == (2.0, 2.0, 2.0) and res["fast"]["ratio"] == (1.0, 1.0, 1.0)
+    assert res["fast"]["time"] == (10.0, 1.0, 100.0)
+    busy = sm.unsteady({k: res[k] for k in ("fast", "slow")}, limit=0.1)
+    assert set(busy) == {"fast", "slow"} and busy["fast"] == 9.9
+    steady = {"a": {"time": (1.0, 0.96, 1.04)}}
+    assert sm.unsteady(steady, limit=0.1) == {} and sm.unsteady(steady, limit=0.05) != {}
+
+
 IMPORT_STATE = r"""
 import ctypes, importlib, sys
 import torch

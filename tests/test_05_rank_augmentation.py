@@ -449,3 +449,21 @@ def test_fast_forward_keeps_the_official_parameters():
     inline = loc.InLineAttention(192, num_heads=6)
     extra = sum(p.numel() for p in m.parameters()) - sum(p.numel() for p in inline.parameters())
     assert extra == 192 * 192 + 192  # the gate Linear only
+
+
+def test_bench_batch_shrinks_only_at_large_n():
+    assert [ra.bench_batch(n) for n in (197, 785, 3137, 12545)] == [8, 8, 8, 2]
+    assert ra.bench_batch(12545, batch=5) == 5
+
+
+def test_bench_prints_every_module_against_softmax(capsys):
+    r = ra.main(["--bench", "--sizes", "17", "--batch", "2", "--repeat", "3"])
+    out = capsys.readouterr().out
+    for title in ("forward + backward", "inference (no grad)"):
+        assert f"N = 17, B = 2, {title}" in out
+        ratio, mem = r["final"][17, title]
+        assert ratio > 0 and mem > 0
+    table = out.split("forward + backward")[1].split("\n\n")[0].splitlines()[2:]
+    assert [line.split("|")[0].strip() for line in table] == list(ra.ATTENTIONS)
+    assert float(table[0].split("|")[2].split()[0]) == 1.0  # softmax against itself
+    assert "The final module / softmax" in out

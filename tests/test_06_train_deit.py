@@ -614,7 +614,25 @@ def test_bench_reports_both_attentions(capsys):
                        "--depth", "1", "--bench-batch", "2", "--bench-steps", "1"])
     assert set(speed) == {"final", "softmax"} and all(v > 0 for s in speed.values() for v in s)
     out = capsys.readouterr().out
-    assert "final / softmax: train x" in out and "inference x" in out
+    line = next(l for l in out.splitlines() if l.startswith("final / softmax img/s: train x"))
+    ratio = float(line.split("train x")[1].split()[0])  # the median of one round: that round's
+    assert ratio == pytest.approx(speed["final"][0] / speed["softmax"][0], abs=0.006)  # img/s
+    assert "inference x" in line and "params" in out and "peak MB" in out
+
+
+def test_bench_interleaves_the_models_and_warns_when_busy(monkeypatch, capsys):
+    order = []
+    real = deit.softmax.timings
+
+    def spy(fns, repeat=3, device="cpu"):
+        order.append((list(fns), repeat))
+        return real(fns, repeat, device)
+    monkeypatch.setattr(deit.softmax, "timings", spy)
+    monkeypatch.setattr(deit.softmax, "unsteady", lambda res, limit: {"softmax": 0.5})
+    deit.main(["--bench", "--img-size", "16", "--patch-size", "4", "--embed-dim", "24",
+               "--depth", "1", "--bench-batch", "2", "--bench-steps", "3"])
+    assert order == [(["final", "softmax"], 3)] * 2  # train, then inference: both per round
+    assert "warning: timings spread by more than 10%" in capsys.readouterr().out
 
 
 # ----------------------------------------------------------------------------------------------
