@@ -224,15 +224,14 @@ class RankAugmentedInLineAttention(locality.InLineAttention):
 
     # -- the same function, arranged for speed. Each line says which identity it uses.
 
-    def stacked_projection(self):
-        """[W_qkv; W_gate] (4C, C) and its bias: q, k, v and the gate o from one GEMM. The
-        parameters stay `qkv` and `gate`, so checkpoints load unchanged."""
-        w, b = self.qkv.weight, self.qkv.bias
-        if b is None:  # qkv_bias=False
-            b = torch.zeros(3 * self.dim, dtype=w.dtype, device=w.device)
-        if self.gate is None:
-            return w, b
-        return torch.cat([w, self.gate.weight]), torch.cat([b, self.gate.bias])
+    def head_projection(self, x, i):
+        """Part i (0 q, 1 k, 2 v) of qkv, head-split: (B, N, C) -> (B, H, N, d) contiguous. One
+        GEMM per part: no tensor larger than B x N x C, and no stacking of q, k, v's gradients."""
+        B, N, C = x.shape
+        part = slice(i * C, (i + 1) * C)
+        b = None if self.qkv.bias is None else self.qkv.bias[part]
+        y = F.linear(x, self.qkv.weight[part], b)                       # (B, N, C)
+        return y.view(B, N, self.num_heads, self.head_dim).transpose(1, 2).contiguous()
 
     def residual_kernels(self, x_mean):
         """residual(mean token) with its two grouped 1x1 convolutions as one bmm each over the head
@@ -249,11 +248,12 @@ class RankAugmentedInLineAttention(locality.InLineAttention):
         """attend() from q, k, v (B, H, N, d) and their means over the tokens (B, H, 1, d)."""
         n = q.shape[-2]
         if self.reweight:
-            # alpha_j = N softmax_j(s mean_i(q_i) . k_j); mean_i q_i is the mean token's query
-            alpha = n * torch.softmax(self.scale * (k @ q_mean.mT), dim=-2)  # (B, H, N, 1)
+            # alpha_j = N softmax_j(s mean_i(q_i) . k_j); mean_i q_i is the mean token's query.
+            # The N dot products as a product and a sum over d (a batched GEMV is slower here).
+            alpha = n * torch.softmax(self.scale * (k * q_mean).sum(-1, keepdim=True), dim=-2)
             # sum_j (a_j k_j - mean_t a_t k_t) v_j^T = K^T diag(a) V - (K^T a) mean(v)^T
             #   = K^T (a * (V - mean(v))): InLine's centring by algebra, alpha folded into V
-            kv = k.mT @ torch.addcmul(-alpha * v_mean, alpha, v)        # (B, H, d, d)
+            kv = k.mT @ (alpha * (v - v_mean))                            # (B, H, d, d)
         else:
             # alpha = 1: sum_j (k_j - mean k) v_j^T = K^T V - N mean(k) mean(v)^T
             kv = k.mT @ v - n * k_mean.mT @ v_mean                       # (B, H, d, d)
@@ -283,22 +283,19 @@ class RankAugmentedInLineAttention(locality.InLineAttention):
         if self.residual is not None:
             locality.grid_size(N)  # N must be a grid: fail here with its message
         x_mean = x.mean(dim=1)                                     # (B, C)
-        w, b = self.stacked_projection()
-        parts = w.shape[0] // C                                    # q, k, v (and the gate)
-        # the head split, as one copy: (B, N, parts*C) -> (parts, B, H, N, d) contiguous
-        p = F.linear(x, w, b).view(B, N, parts, H, d).permute(2, 0, 3, 1, 4).contiguous()
-        q, k, v, *o = p.unbind(0)                                  # (B, H, N, d) each
+        q, k, v = (self.head_projection(x, i) for i in range(3))   # (B, H, N, d) each
         # mean_i (x_i W^T + b) = mean(x) W^T + b: the means of q, k, v from the mean token
-        p_mean = F.linear(x_mean, w, b).view(B, parts, H, 1, d).transpose(0, 1)
-        q_mean, k_mean, v_mean = p_mean.unbind(0)[:3]              # (B, H, 1, d) each
+        q_mean, k_mean, v_mean = self.qkv(x_mean).view(B, 3, H, 1, d).transpose(0, 1).unbind(0)
         out = linear.in_float32(self.fast_attend, q, k, v, q_mean, k_mean, v_mean)  # (B, H, N, d)
         if self.residual is not None:
             local = self.fast_local_residual(v, self.residual_kernels(x_mean))
             out[:, :, N - local.shape[2]:] += local                # class token: no residual
+        out = out.transpose(1, 2)                                  # (B, N, H, d), a view
         if self.gate is not None:
-            out = out * o[0]                                       # the gate o, per channel
-        out = out.transpose(1, 2).reshape(B, N, C)                 # merge the heads
-        return self.proj_drop(self.proj(out))
+            # the gate o = x W_g^T + b_g, per channel; the product writes the merged layout
+            # (B, N, H, d) = (B, N, C) (o first: the output takes its memory order)
+            out = self.gate(x).view(B, N, H, d) * out
+        return self.proj_drop(self.proj(out.reshape(B, N, C)))   # merge the heads
 
 
 ATTENTIONS = {  # every attention module of steps 01-05, by the names step 06 uses
