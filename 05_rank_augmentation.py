@@ -170,6 +170,60 @@ class RALAttention(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------
+# the final module's core, with its gradient written by hand
+
+
+class ReweightedInLineCore(torch.autograd.Function):
+    """The final module's attention (eq. 5 on re-weighted keys, identity kernel), per head:
+
+        z_j = s k_j . q_mean,  alpha = N softmax_j(z),  U = alpha * (V - v_mean)   (N, d)
+        KV = K^T U  (d, d),    out = c Q KV + v_mean,  c = s / N
+
+    (q_mean, v_mean: the means of the queries and values over the N tokens.) Autograd would save
+    every intermediate (V - v_mean, U, the dot products); this saves q, k, v, alpha and c KV,
+    recomputes the rest in backward, and frees each temporary as soon as it is used. The
+    gradients, with G = dL/dout (tests: gradcheck, and forward() = reference() in float64):
+
+        dQ = G (c KV)^T,  dKV = c Q^T G,  dv_mean = sum_i G_i - sum_j dV_j
+        dK = U dKV^T + dz q_mean^T,  dU = K dKV,  dV = alpha * dU,  dalpha_j = dU_j . (v_j - v_mean)
+        dz = alpha * (dalpha - mean_t alpha_t dalpha_t)    (the softmax's Jacobian, N folded in)
+        dq_mean = sum_j dz_j k_j
+    with s folded into dz. Inputs (B, H, N, d) and (B, H, 1, d) means; output (B*H, N, d)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, q_mean, v_mean, s):
+        B, H, n, d = q.shape
+        alpha = n * torch.softmax(s * (k * q_mean).sum(-1, keepdim=True), dim=-2)  # (B, H, N, 1)
+        kv = (s / n) * (k.mT @ (alpha * (v - v_mean)))                           # c KV (B, H, d, d)
+        ctx.save_for_backward(q, k, v, q_mean, v_mean, alpha, kv)
+        ctx.s = s
+        # out_i = c q_i^T KV + v_mean, one fused GEMM
+        return torch.baddbmm(v_mean.reshape(B * H, 1, d), q.reshape(B * H, n, d),
+                             kv.reshape(B * H, d, d))                             # (B*H, N, d)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g):
+        q, k, v, q_mean, v_mean, alpha, kv = ctx.saved_tensors
+        s, (B, H, n, d) = ctx.s, q.shape
+        g = g.view(B, H, n, d)                                      # dL/dout
+        dq = g @ kv.mT                                              # G (c KV)^T
+        dkv = (s / n) * (q.mT @ g)                                  # c Q^T G        (B, H, d, d)
+        dv_mean = g.sum(-2, keepdim=True)                           # + v_mean in out
+        vc = v - v_mean                                             # V - v_mean
+        dk = (alpha * vc) @ dkv.mT                                  # U dKV^T
+        dv = k @ dkv                                                # dU
+        dalpha = vc.mul_(dv).sum(-1, keepdim=True)                  # dU_j . (v_j - v_mean)
+        del vc
+        dv.mul_(alpha)                                              # dV = alpha * dU
+        dv_mean -= dv.sum(-2, keepdim=True)                         # U = alpha * (V - v_mean)
+        dz = (s * alpha) * (dalpha - (alpha * dalpha).sum(-2, keepdim=True) / n)  # s dz (B,H,N,1)
+        dk.addcmul_(dz, q_mean)                                     # z_j = s k_j . q_mean
+        dq_mean = (dz * k).sum(-2, keepdim=True)
+        return dq, dk, dv, dq_mean, dv_mean, None
+
+
+# ----------------------------------------------------------------------------------------------
 # the final module
 
 
@@ -246,19 +300,16 @@ class RankAugmentedInLineAttention(locality.InLineAttention):
 
     def fast_attend(self, q, k, v, q_mean, k_mean, v_mean):
         """attend() from q, k, v (B, H, N, d) and their means over the tokens (B, H, 1, d)."""
-        n = q.shape[-2]
+        B, H, n, d = q.shape
         if self.reweight:
-            # alpha_j = N softmax_j(s mean_i(q_i) . k_j); mean_i q_i is the mean token's query.
-            # The N dot products as a product and a sum over d (a batched GEMV is slower here).
-            alpha = n * torch.softmax(self.scale * (k * q_mean).sum(-1, keepdim=True), dim=-2)
+            # alpha_j = N softmax_j(s mean_i(q_i) . k_j): mean_i q_i is the mean token's query;
             # sum_j (a_j k_j - mean_t a_t k_t) v_j^T = K^T diag(a) V - (K^T a) mean(v)^T
             #   = K^T (a * (V - mean(v))): InLine's centring by algebra, alpha folded into V
-            kv = k.mT @ (alpha * (v - v_mean))                            # (B, H, d, d)
-        else:
-            # alpha = 1: sum_j (k_j - mean k) v_j^T = K^T V - N mean(k) mean(v)^T
-            kv = k.mT @ v - n * k_mean.mT @ v_mean                       # (B, H, d, d)
+            out = ReweightedInLineCore.apply(q, k, v, q_mean, v_mean, self.scale)
+            return out.view(B, H, n, d)
+        # alpha = 1: sum_j (k_j - mean k) v_j^T = K^T V - N mean(k) mean(v)^T
+        kv = k.mT @ v - n * k_mean.mT @ v_mean                           # (B, H, d, d)
         # out_i = s/N q_i^T KV + mean_j v_j  (eq. 5, s/N the module's scale), one fused GEMM
-        B, H, _, d = q.shape
         out = torch.baddbmm(v_mean.reshape(B * H, 1, d), q.reshape(B * H, n, d),
                             (self.scale / n * kv).reshape(B * H, d, d))
         return out.view(B, H, n, d)
