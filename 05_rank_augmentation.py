@@ -278,15 +278,6 @@ class RankAugmentedInLineAttention(locality.InLineAttention):
 
     # -- the same function, arranged for speed. Each line says which identity it uses.
 
-    def head_projection(self, x, i):
-        """Part i (0 q, 1 k, 2 v) of qkv, head-split: (B, N, C) -> (B, H, N, d) contiguous. One
-        GEMM per part: no tensor larger than B x N x C, and no stacking of q, k, v's gradients."""
-        B, N, C = x.shape
-        part = slice(i * C, (i + 1) * C)
-        b = None if self.qkv.bias is None else self.qkv.bias[part]
-        y = F.linear(x, self.qkv.weight[part], b)                       # (B, N, C)
-        return y.view(B, N, self.num_heads, self.head_dim).transpose(1, 2).contiguous()
-
     def residual_kernels(self, x_mean):
         """residual(mean token) with its two grouped 1x1 convolutions as one bmm each over the head
         groups (a grouped 1x1 convolution is a block-diagonal matrix): (B, C) -> (B*C, 1, w, w)."""
@@ -334,7 +325,10 @@ class RankAugmentedInLineAttention(locality.InLineAttention):
         if self.residual is not None:
             locality.grid_size(N)  # N must be a grid: fail here with its message
         x_mean = x.mean(dim=1)                                     # (B, C)
-        q, k, v = (self.head_projection(x, i) for i in range(3))   # (B, H, N, d) each
+        # one GEMM, then each of q, k, v head-split by one copy; in backward, unbind's gradient
+        # stacks the three straight back into the GEMM's (B, N, 3, H, d) layout
+        qkv = self.qkv(x).view(B, N, 3, H, d).unbind(2)           # (B, N, H, d) views
+        q, k, v = (t.transpose(1, 2).contiguous() for t in qkv)    # (B, H, N, d) each
         # mean_i (x_i W^T + b) = mean(x) W^T + b: the means of q, k, v from the mean token
         q_mean, k_mean, v_mean = self.qkv(x_mean).view(B, 3, H, 1, d).transpose(0, 1).unbind(0)
         out = linear.in_float32(self.fast_attend, q, k, v, q_mean, k_mean, v_mean)  # (B, H, N, d)
@@ -546,8 +540,8 @@ def bench(args, spread_limit=0.1):
     forward + backward and inference, as ratios to softmax (SDPA) in the same round."""
     names = list(ATTENTIONS)
     print(f"Every module at C = 192, 6 heads, float32, CPU ({torch.get_num_threads()} threads);"
-          f" at least {args.repeat} rounds (more where a call is\nshort: up to 1 s of softmax"
-          f" time), each running every module once (interleaved), after one warm-up call that"
+          f" at least {args.repeat} rounds (more where a call is\nshort: up to 2 s of softmax"
+          f" time, at most 100), each running every module once (interleaved), after one warm-up call that"
           f"\nalso measures peak memory. ms: median [min - max]; x softmax:"
           f" median [min - max] of the per-round ratio\nto softmax (SDPA, same round); below 1 is"
           f" better.")
@@ -564,7 +558,7 @@ def bench(args, spread_limit=0.1):
         for title, fns in passes.items():
             peak = {k: softmax.peak_memory(fn) for k, fn in fns.items()}  # and the warm-up call
             t_call = softmax.timings({"softmax": fns["softmax"]}, 1)["softmax"][0]
-            rounds = max(args.repeat, min(25, int(1.0 / t_call)))
+            rounds = max(args.repeat, min(100, int(2.0 / t_call)))  # short calls vary most
             res = softmax.compare(fns, "softmax", rounds)
             print(f"\nN = {n}, B = {B}, {title}, {rounds} rounds")
             print(f"   {'module':>9} | {'ms [min - max]':>27} | {'x softmax [min - max]':>23} |"
