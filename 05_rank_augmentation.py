@@ -308,12 +308,29 @@ class RankAugmentedInLineAttention(locality.InLineAttention):
     def fast_local_residual(self, v, r):
         """local_residual() from the head-split values v (B, H, N, d) and the kernels r
         (B*C, 1, w, w): the depthwise convolution on a channels-last map -> (B, H, H*W, d)."""
+        if torch.compiler.is_compiling():
+            return self.shifted_local_residual(v, r)
         B, H, N, d = v.shape
         side, cls = locality.grid_size(N)
         # (1, B*C, S, S) in channels_last memory = (S, S, B, H, d): one copy, then the fast kernel
         v_map = v[:, :, cls:].permute(2, 0, 1, 3).reshape(1, side, side, B * H * d)
         out = F.conv2d(v_map.permute(0, 3, 1, 2), r, padding=self.window // 2, groups=B * H * d)
         return out.permute(0, 2, 3, 1).reshape(side * side, B, H, d).permute(1, 2, 0, 3)
+
+    def shifted_local_residual(self, v, r):
+        """The same as a sum of w*w shifted products, local_p = sum_o r_o * v_{p+o} (zero outside
+        the grid): what forward() uses under torch.compile, which fuses the w*w products into one
+        loop (measured faster there than its convolution; in eager, the convolution is faster)."""
+        B, H, N, d = v.shape
+        side, cls = locality.grid_size(N)
+        w, p = self.window, self.window // 2
+        v_map = F.pad(v[:, :, cls:].reshape(B, H, side, side, d), (0, 0, p, p, p, p))
+        r = r.view(B, H, d, w, w)                                  # channel c = (head, j)
+        out = 0
+        for a in range(w):
+            for b in range(w):                                     # offset (a - p, b - p)
+                out = out + v_map[:, :, a:a + side, b:b + side] * r[..., a, b][:, :, None, None]
+        return out.reshape(B, H, side * side, d)
 
     def forward(self, x):
         if self.kernel != "identity":  # the shortcuts need phi linear: mean phi(q) = phi(mean q)

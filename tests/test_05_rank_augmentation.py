@@ -462,6 +462,25 @@ def test_hand_written_core_gradient_equals_autograd_of_the_definition():
     assert torch.autograd.gradcheck(core, small)
 
 
+@pytest.mark.parametrize("window,N", [(3, 17), (3, 16), (5, 50)])
+def test_shifted_local_residual_equals_the_convolution_in_float64(window, N):
+    """The form forward() uses under torch.compile = the eager one (convolution) = step 04's."""
+    torch.manual_seed(0)
+    m = ra.RankAugmentedInLineAttention(24, num_heads=3, window=window).double()
+    x = rand(2, N, 24, seed=60).requires_grad_()
+    q, k, v = m.split_heads(x)
+    r = m.residual_kernels(x.mean(dim=1))
+    shifted, conv = m.shifted_local_residual(v, r), m.fast_local_residual(v, r)
+    assert_close(shifted, conv, f"shifted products = convolution, window {window}", atol=1e-12)
+    cls = N - shifted.shape[2]
+    assert_close(m.merge_heads(shifted), m.local_residual(x, v)[:, cls:],
+                 "shifted products = step 04's local residual", atol=1e-12)
+    g = rand(*shifted.shape, seed=61)
+    for a, b in zip(torch.autograd.grad(shifted, (x,), g, retain_graph=True),
+                    torch.autograd.grad(conv, (x,), g)):
+        assert_close(a, b, "their gradients", atol=1e-11)
+
+
 def test_fast_forward_keeps_the_official_parameters():
     m = ra.RankAugmentedInLineAttention(192, num_heads=6)
     assert set(m.state_dict()) == {"qkv.weight", "qkv.bias", "gate.weight", "gate.bias",
