@@ -342,10 +342,10 @@ class RankAugmentedInLineAttention(locality.InLineAttention):
         if self.residual is not None:
             locality.grid_size(N)  # N must be a grid: fail here with its message
         x_mean = x.mean(dim=1)                                     # (B, C)
-        # one GEMM, then each of q, k, v head-split by one copy; in backward, unbind's gradient
-        # stacks the three straight back into the GEMM's (B, N, 3, H, d) layout
-        qkv = self.qkv(x).view(B, N, 3, H, d).unbind(2)           # (B, N, H, d) views
-        q, k, v = (t.transpose(1, 2).contiguous() for t in qkv)    # (B, H, N, d) each
+        # one GEMM, then each of q, k, v head-split by one copy (and the GEMM's output freed); in
+        # backward, unbind's gradient stacks the three straight back into its (B, N, 3, H, d) layout
+        q, k, v = (t.transpose(1, 2).contiguous()                  # (B, H, N, d) each
+                   for t in self.qkv(x).view(B, N, 3, H, d).unbind(2))
         # mean_i (x_i W^T + b) = mean(x) W^T + b: the means of q, k, v from the mean token
         q_mean, k_mean, v_mean = self.qkv(x_mean).view(B, 3, H, 1, d).transpose(0, 1).unbind(0)
         out = linear.in_float32(self.fast_attend, q, k, v, q_mean, k_mean, v_mean)  # (B, H, N, d)
