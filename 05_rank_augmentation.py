@@ -557,10 +557,10 @@ def bench(args, spread_limit=0.1):
     forward + backward and inference, as ratios to softmax (SDPA) in the same round."""
     names = list(ATTENTIONS)
     print(f"Every module at C = 192, 6 heads, float32, CPU ({torch.get_num_threads()} threads);"
-          f" at least {args.repeat} rounds (more where a call is\nshort: up to 2 s of softmax"
-          f" time, at most 100), each running every module once (interleaved), after one warm-up call that"
-          f"\nalso measures peak memory. ms: median [min - max]; x softmax:"
-          f" median [min - max] of the per-round ratio\nto softmax (SDPA, same round); below 1 is"
+          f" at least {args.repeat} rounds (more where a\ncall is short: up to 2 s of softmax"
+          f" time, at most 100), each running every module once (interleaved),\nafter one"
+          f" warm-up call that also measures peak memory. ms: median [min - max]; x softmax:"
+          f" median\n[min - max] of the per-round ratio to softmax (SDPA, same round); below 1 is"
           f" better.")
     final, busy = {}, {}
     for n in args.sizes:
@@ -636,7 +636,8 @@ def main(argv=None):
                    help="N for --bench (DeiT at 224, 448, 896, 1792 px)")
     p.add_argument("--batch", type=int, help="batch size for --bench (default: 8, fewer from"
                    " N = 4097 on: min(8, 32768 // N))")
-    p.add_argument("--repeat", type=int, default=3, help="timed rounds for --bench (median)")
+    p.add_argument("--repeat", type=int, default=5, help="timed rounds for --bench (median;"
+                   " more where a call is short)")
     p.add_argument("--profile", type=int, default=0, metavar="N",
                    help="with --bench: also profile the final module at N tokens")
     args = p.parse_args(argv)
