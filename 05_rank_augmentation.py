@@ -173,6 +173,14 @@ class RALAttention(nn.Module):
 # the final module's core, with its gradient written by hand
 
 
+def read_buffer(q, kv, v_mean):
+    """out_i = q_i^T KV + v_mean for every head, as one fused GEMM (baddbmm): q (B, H, N, d), the
+    buffer kv (B, H, d, d) with the scale already in it, v_mean (B, H, 1, d) -> (B*H, N, d)."""
+    B, H, n, d = q.shape
+    return torch.baddbmm(v_mean.reshape(B * H, 1, d), q.reshape(B * H, n, d),
+                         kv.reshape(B * H, d, d))
+
+
 class ReweightedInLineCore(torch.autograd.Function):
     """The final module's attention (eq. 5 on re-weighted keys, identity kernel), per head:
 
@@ -192,14 +200,12 @@ class ReweightedInLineCore(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, q_mean, v_mean, s):
-        B, H, n, d = q.shape
+        n = q.shape[-2]
         alpha = n * torch.softmax(s * (k * q_mean).sum(-1, keepdim=True), dim=-2)  # (B, H, N, 1)
         kv = (s / n) * (k.mT @ (alpha * (v - v_mean)))                           # c KV (B, H, d, d)
         ctx.save_for_backward(q, k, v, q_mean, v_mean, alpha, kv)
         ctx.s = s
-        # out_i = c q_i^T KV + v_mean, one fused GEMM
-        return torch.baddbmm(v_mean.reshape(B * H, 1, d), q.reshape(B * H, n, d),
-                             kv.reshape(B * H, d, d))                             # (B*H, N, d)
+        return read_buffer(q, kv, v_mean)                            # c q_i^T KV + v_mean
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -300,16 +306,12 @@ class RankAugmentedInLineAttention(locality.InLineAttention):
             return out.view(B, H, n, d)
         # alpha = 1: sum_j (k_j - mean k) v_j^T = K^T V - N mean(k) mean(v)^T
         kv = k.mT @ v - n * k_mean.mT @ v_mean                           # (B, H, d, d)
-        # out_i = s/N q_i^T KV + mean_j v_j  (eq. 5, s/N the module's scale), one fused GEMM
-        out = torch.baddbmm(v_mean.reshape(B * H, 1, d), q.reshape(B * H, n, d),
-                            (self.scale / n * kv).reshape(B * H, d, d))
-        return out.view(B, H, n, d)
+        # out_i = s/N q_i^T KV + mean_j v_j  (eq. 5, s/N the module's scale)
+        return read_buffer(q, self.scale / n * kv, v_mean).view(B, H, n, d)
 
     def fast_local_residual(self, v, r):
         """local_residual() from the head-split values v (B, H, N, d) and the kernels r
         (B*C, 1, w, w): the depthwise convolution on a channels-last map -> (B, H, H*W, d)."""
-        if torch.compiler.is_compiling():
-            return self.shifted_local_residual(v, r)
         B, H, N, d = v.shape
         side, cls = locality.grid_size(N)
         # (1, B*C, S, S) in channels_last memory = (S, S, B, H, d): one copy, then the fast kernel
@@ -350,7 +352,10 @@ class RankAugmentedInLineAttention(locality.InLineAttention):
         q_mean, k_mean, v_mean = self.qkv(x_mean).view(B, 3, H, 1, d).transpose(0, 1).unbind(0)
         out = linear.in_float32(self.fast_attend, q, k, v, q_mean, k_mean, v_mean)  # (B, H, N, d)
         if self.residual is not None:
-            local = self.fast_local_residual(v, self.residual_kernels(x_mean))
+            # under torch.compile the shifted products, which the compiler fuses; else the conv
+            local_residual = (self.shifted_local_residual if torch.compiler.is_compiling()
+                              else self.fast_local_residual)
+            local = local_residual(v, self.residual_kernels(x_mean))
             out[:, :, N - local.shape[2]:] += local                # class token: no residual
         out = out.transpose(1, 2)                                  # (B, N, H, d), a view
         if self.gate is not None:
