@@ -635,6 +635,23 @@ def test_bench_interleaves_the_models_and_warns_when_busy(monkeypatch, capsys):
     assert "warning: timings spread by more than 10%" in capsys.readouterr().out
 
 
+def test_bench_times_the_optimizer_training_uses(monkeypatch):
+    # the train step of --bench is training's step: its AdamW from make_optimizer (weight decay
+    # groups, betas, fused on CUDA), for each model
+    made = []
+    real = deit.make_optimizer
+
+    def spy(model, args, device):
+        opt = real(model, args, device)
+        made.append((type(model.blocks[0].attn).__name__, len(opt.param_groups), opt.defaults["betas"]))
+        return opt
+    monkeypatch.setattr(deit, "make_optimizer", spy)
+    deit.main(["--bench", "--img-size", "16", "--patch-size", "4", "--embed-dim", "24",
+               "--depth", "1", "--bench-batch", "2", "--bench-steps", "1", "--betas", "0.8", "0.9"])
+    assert made == [("RankAugmentedInLineAttention", 2, (0.8, 0.9)),
+                    ("SoftmaxAttention", 2, (0.8, 0.9))]
+
+
 # ----------------------------------------------------------------------------------------------
 # two processes under torchrun: gradients, metrics and checkpoint as from one process
 
