@@ -55,7 +55,7 @@ def kv_buffer(k, v):
 
 def in_float32(core, *tensors, **kwargs):
     """core(*tensors, ...) computed in float32 (autocast off) when the tensors are bf16 / fp16, the
-    result returned in the first one's dtype; float32 and float64 pass through as they are.
+    result returned in the first one's dtype; float32, float64 and None pass through as they are.
 
     Linear attention sums N terms into its d x d buffer and its normaliser. In fp16 those sums
     overflow (max 65504) at a few thousand tokens of moderate size and the output becomes NaN, the
@@ -65,7 +65,7 @@ def in_float32(core, *tensors, **kwargs):
     dtype = tensors[0].dtype
     with torch.autocast(tensors[0].device.type, enabled=False):  # or it casts the matmuls down
         if dtype in (torch.float16, torch.bfloat16):
-            return core(*(t.float() for t in tensors), **kwargs).to(dtype)
+            return core(*(None if t is None else t.float() for t in tensors), **kwargs).to(dtype)
         return core(*tensors, **kwargs)
 
 

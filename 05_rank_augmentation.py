@@ -185,27 +185,34 @@ class ReweightedInLineCore(torch.autograd.Function):
     """The final module's attention (eq. 5 on re-weighted keys, identity kernel), per head:
 
         z_j = s k_j . q_mean,  alpha = N softmax_j(z),  U = alpha * (V - v_mean)   (N, d)
-        KV = K^T U  (d, d),    out = c Q KV + v_mean,  c = s / N
+        KV = K^T U  (d, d),    out = c Q KV + v_mean (+ local),  c = s / N
 
-    (q_mean, v_mean: the means of the queries and values over the N tokens.) Autograd would save
-    every intermediate (V - v_mean, U, the dot products); this saves q, k, v, alpha and c KV,
-    recomputes the rest in backward, and frees each temporary as soon as it is used. The
-    gradients, with G = dL/dout (tests: gradcheck, and forward() = reference() in float64):
+    (q_mean, v_mean: the means of the queries and values over the N tokens. local, if given: the
+    local residual of the last M rows, the patch tokens; added here, its gradient is a view of G's
+    last M rows, where an in-place add on this output outside would make autograd copy the whole
+    output in backward.) Autograd would save every intermediate (V - v_mean, U, the dot
+    products); this saves q, k, v, alpha and c KV, recomputes the rest in backward, and frees each
+    temporary as soon as it is used. The gradients, with G = dL/dout (tests: gradcheck, and
+    forward() = reference() in float64):
 
         dQ = G (c KV)^T,  dKV = c Q^T G,  dv_mean = sum_i G_i - sum_j dV_j
         dK = U dKV^T + dz q_mean^T,  dU = K dKV,  dV = alpha * dU,  dalpha_j = dU_j . (v_j - v_mean)
         dz = alpha * (dalpha - mean_t alpha_t dalpha_t)    (the softmax's Jacobian, N folded in)
         dq_mean = sum_j dz_j k_j
-    with s folded into dz. Inputs (B, H, N, d) and (B, H, 1, d) means; output (B*H, N, d)."""
+    with s folded into dz. Inputs (B, H, N, d), (B, H, 1, d) means, local (B, H, M, d) or None;
+    output (B*H, N, d)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, q_mean, v_mean, s):
+    def forward(ctx, q, k, v, q_mean, v_mean, s, local=None):
         n = q.shape[-2]
         alpha = n * torch.softmax(s * (k * q_mean).sum(-1, keepdim=True), dim=-2)  # (B, H, N, 1)
         kv = (s / n) * (k.mT @ (alpha * (v - v_mean)))                           # c KV (B, H, d, d)
         ctx.save_for_backward(q, k, v, q_mean, v_mean, alpha, kv)
-        ctx.s = s
-        return read_buffer(q, kv, v_mean)                            # c q_i^T KV + v_mean
+        ctx.s, ctx.m = s, None if local is None else local.shape[-2]
+        out = read_buffer(q, kv, v_mean)                             # c q_i^T KV + v_mean
+        if local is not None:
+            out.view(q.shape)[:, :, n - ctx.m:].add_(local)          # + local on the patch rows
+        return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -226,7 +233,8 @@ class ReweightedInLineCore(torch.autograd.Function):
         dz = (s * alpha) * (dalpha - (alpha * dalpha).sum(-2, keepdim=True) / n)  # s dz (B,H,N,1)
         dk.addcmul_(dz, q_mean)                                     # z_j = s k_j . q_mean
         dq_mean = (dz * k).sum(-2, keepdim=True)
-        return dq, dk, dv, dq_mean, dv_mean, None
+        dlocal = None if ctx.m is None else g[:, :, n - ctx.m:]     # out's last M rows
+        return dq, dk, dv, dq_mean, dv_mean, None, dlocal
 
 
 # ----------------------------------------------------------------------------------------------
@@ -295,19 +303,23 @@ class RankAugmentedInLineAttention(locality.InLineAttention):
         h = torch.baddbmm(conv2.bias.view(G, 1, -1), act(h), conv2.weight.view(G, -1, C // G).mT)
         return h.transpose(0, 1).reshape(B * C, 1, w, w)                   # (G, B, w*w*C/G) -> kernels
 
-    def fast_attend(self, q, k, v, q_mean, k_mean, v_mean):
-        """attend() from q, k, v (B, H, N, d) and their means over the tokens (B, H, 1, d)."""
+    def fast_attend(self, q, k, v, q_mean, k_mean, v_mean, local=None):
+        """attend() from q, k, v (B, H, N, d) and their means over the tokens (B, H, 1, d), plus
+        the local residual `local` (B, H, M, d) on the last M rows (the patch tokens) if given."""
         B, H, n, d = q.shape
         if self.reweight:
             # alpha_j = N softmax_j(s mean_i(q_i) . k_j): mean_i q_i is the mean token's query;
             # sum_j (a_j k_j - mean_t a_t k_t) v_j^T = K^T diag(a) V - (K^T a) mean(v)^T
             #   = K^T (a * (V - mean(v))): InLine's centring by algebra, alpha folded into V
-            out = ReweightedInLineCore.apply(q, k, v, q_mean, v_mean, self.scale)
+            out = ReweightedInLineCore.apply(q, k, v, q_mean, v_mean, self.scale, local)
             return out.view(B, H, n, d)
         # alpha = 1: sum_j (k_j - mean k) v_j^T = K^T V - N mean(k) mean(v)^T
         kv = k.mT @ v - n * k_mean.mT @ v_mean                           # (B, H, d, d)
         # out_i = s/N q_i^T KV + mean_j v_j  (eq. 5, s/N the module's scale)
-        return read_buffer(q, self.scale / n * kv, v_mean).view(B, H, n, d)
+        out = read_buffer(q, self.scale / n * kv, v_mean).view(B, H, n, d)
+        if local is not None:
+            out[:, :, n - local.shape[2]:].add_(local)                   # class token: none
+        return out
 
     def fast_local_residual(self, v, r):
         """local_residual() from the head-split values v (B, H, N, d) and the kernels r
@@ -350,13 +362,13 @@ class RankAugmentedInLineAttention(locality.InLineAttention):
                    for t in self.qkv(x).view(B, N, 3, H, d).unbind(2))
         # mean_i (x_i W^T + b) = mean(x) W^T + b: the means of q, k, v from the mean token
         q_mean, k_mean, v_mean = self.qkv(x_mean).view(B, 3, H, 1, d).transpose(0, 1).unbind(0)
-        out = linear.in_float32(self.fast_attend, q, k, v, q_mean, k_mean, v_mean)  # (B, H, N, d)
+        local = None
         if self.residual is not None:
             # under torch.compile the shifted products, which the compiler fuses; else the conv
             local_residual = (self.shifted_local_residual if torch.compiler.is_compiling()
                               else self.fast_local_residual)
-            local = local_residual(v, self.residual_kernels(x_mean))
-            out[:, :, N - local.shape[2]:] += local                # class token: no residual
+            local = local_residual(v, self.residual_kernels(x_mean))     # (B, H, M, d), M patches
+        out = linear.in_float32(self.fast_attend, q, k, v, q_mean, k_mean, v_mean, local)
         out = out.transpose(1, 2)                                  # (B, N, H, d), a view
         if self.gate is not None:
             # the gate o = x W_g^T + b_g, per channel; the product writes the merged layout

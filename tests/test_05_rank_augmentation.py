@@ -444,23 +444,31 @@ def test_fast_forward_equals_reference_in_float64(flags, B, N):
 
 def test_hand_written_core_gradient_equals_autograd_of_the_definition():
     """ReweightedInLineCore (forward and backward by hand) against autograd through eq. 5 on
-    re-weighted keys, float64, with the means taken inside the graph; then gradcheck."""
+    re-weighted keys, float64, with the means taken inside the graph, with and without the
+    local residual added to the last rows; then gradcheck."""
     m = ra.RankAugmentedInLineAttention(24, num_heads=3).double()
     q, k, v = (rand(2, 3, 17, 8, seed=s).requires_grad_() for s in (50, 51, 52))
+    local = rand(2, 3, 16, 8, seed=57).requires_grad_()       # the 16 patch rows of 17
     g = rand(2, 3, 17, 8, seed=53)
 
-    def core(q, k, v):
+    def core(q, k, v, local=None):
         out = ra.ReweightedInLineCore.apply(q, k, v, q.mean(-2, keepdim=True),
-                                            v.mean(-2, keepdim=True), m.scale)
+                                            v.mean(-2, keepdim=True), m.scale, local)
         return out.view(q.shape)
 
-    y, y_ref = core(q, k, v), m.reweighted_inline(q, k, v)
-    assert_close(y, y_ref, "hand-written core = eq. 5 on re-weighted keys", atol=1e-12)
-    for name, a, b in zip("qkv", torch.autograd.grad(y, (q, k, v), g),
-                          torch.autograd.grad(y_ref, (q, k, v), g)):
-        assert_close(a, b, f"hand-written gradient of {name} = autograd's", atol=1e-11)
+    for add in (None, local):
+        inputs = (q, k, v) + (() if add is None else (add,))
+        y, y_ref = core(*inputs), m.reweighted_inline(q, k, v)
+        if add is not None:
+            y_ref = y_ref + F.pad(add, (0, 0, 1, 0))            # the class row: no residual
+        assert_close(y, y_ref, f"hand-written core = eq. 5 on re-weighted keys"
+                     f"{'' if add is None else ' + the local residual'}", atol=1e-12)
+        for name, a, b in zip(["q", "k", "v", "local"], torch.autograd.grad(y, inputs, g),
+                              torch.autograd.grad(y_ref, inputs, g)):
+            assert_close(a, b, f"hand-written gradient of {name} = autograd's", atol=1e-11)
     small = [rand(1, 2, 5, 3, seed=s).requires_grad_() for s in (54, 55, 56)]
     assert torch.autograd.gradcheck(core, small)
+    assert torch.autograd.gradcheck(core, small + [rand(1, 2, 4, 3, seed=58).requires_grad_()])
 
 
 @pytest.mark.parametrize("window,N", [(3, 17), (3, 16), (5, 50)])
