@@ -16,17 +16,14 @@ This file gives
   softmax_attention(q, k, v)        the output from those weights
   SoftmaxAttention(dim, num_heads)  the module of timm's VisionTransformer (`qkv`, `proj`), which
                                     calls torch's fused F.scaled_dot_product_attention (SDPA),
-and small helpers the later steps import: input checks and the time / peak-memory measurement.
+and the input checks the later steps import.
 
-Run `python 01_softmax_attention.py` to see SDPA equal the explicit formula, and how time and
-memory grow with N for both (on CPU, torch's SDPA is a fused "flash" kernel that never stores
-the N x N matrix, so its memory is linear; its time is still quadratic).
+Run `python 01_softmax_attention.py` to see SDPA equal the explicit formula, and how the time of
+both grows with N, beside the size of the N x N matrix the explicit form stores (on CPU, torch's
+SDPA is a fused "flash" kernel that never stores it; its time is still quadratic).
+`python tools/bench.py modules` measures the modules' time and peak memory side by side.
 """
 import argparse
-import contextlib
-import os
-import sys
-import time
 
 import torch
 import torch.nn as nn
@@ -131,115 +128,6 @@ class SoftmaxAttention(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------
-# measuring time and peak memory (used by the demos and every --bench)
-
-
-@contextlib.contextmanager
-def _quiet_stderr():
-    """Silence file descriptor 2 for a moment (the profiler's C++ side logs there), then restore it."""
-    sys.stderr.flush()
-    saved = os.dup(2)
-    try:
-        with open(os.devnull, "w") as null:
-            os.dup2(null.fileno(), 2)
-            yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-
-
-def peak_memory(fn, device="cpu"):
-    """Extra memory (bytes) that torch allocates for fn() at its peak, above what was allocated
-    before the call. On CUDA: the allocator's statistics. On CPU: torch.profiler's record of every
-    allocation and free (profile_memory=True), summed in time order. Nothing process-wide is set:
-    the profiler is on during this one call only, and timing is never taken from this call.
-    None where the profiler gives no memory records."""
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        fn()
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated() - base
-    activities = [torch.profiler.ProfilerActivity.CPU]
-    with _quiet_stderr(), torch.profiler.profile(activities=activities, profile_memory=True) as prof:
-        fn()
-    try:
-        events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
-    except AttributeError:  # a torch whose profiler keeps no raw events
-        return None
-    now = peak = 0
-    for e in sorted(events, key=lambda e: e.start_ns()):  # + bytes allocated, - bytes freed
-        now += e.nbytes()
-        peak = max(peak, now)
-    return peak
-
-
-def timings(fns, repeat=3, device="cpu"):
-    """{name: [seconds of each of `repeat` calls]} of the closures in the dict `fns`, interleaved:
-    round r calls every fn once, so a change in the machine's load hits all of them alike.
-    Call each fn once before (warm-up) and leave that call out."""
-    cuda = torch.device(device).type == "cuda"
-    out = {name: [] for name in fns}
-    for _ in range(repeat):
-        for name, fn in fns.items():
-            if cuda:
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            fn()
-            if cuda:
-                torch.cuda.synchronize()
-            out[name].append(time.perf_counter() - t0)
-    return out
-
-
-def spread(times):
-    """(median, min, max) of a list of timings."""
-    times = sorted(times)
-    return times[len(times) // 2], times[0], times[-1]
-
-
-def compare(fns, baseline, repeat=3, device="cpu"):
-    """Time the closures of the dict `fns` interleaved (`timings`; warm them up first) and set
-    each against fns[baseline] round by round, so that a change in the machine's load between
-    rounds cancels in the ratio. {name: {"time": (median, min, max) seconds, "ratio": (median,
-    min, max) of its time / the baseline's time in the same round}}."""
-    t = timings(fns, repeat, device)
-    return {name: {"time": spread(ts), "ratio": spread([a / b for a, b in zip(ts, t[baseline])])}
-            for name, ts in t.items()}
-
-
-def unsteady(results, limit=0.1):
-    """{name: (max - min) / median} of the entries of compare()'s results whose timings spread
-    by more than `limit` of their median: a sign that the machine was busy."""
-    spreads = {name: (r["time"][2] - r["time"][1]) / r["time"][0] for name, r in results.items()}
-    return {name: s for name, s in spreads.items() if s > limit}
-
-
-def measure(fn, repeat=3, device="cpu"):
-    """(median seconds, peak extra bytes) of fn() running on `device`. The first call measures
-    the peak memory (and warms up); a second, timed call decides how many more to time: `repeat`
-    in all, or just that one when a call takes over 1 s."""
-    peak = peak_memory(fn, device)
-    first = timings({"fn": fn}, 1, device)["fn"]
-    more = timings({"fn": fn}, repeat - 1, device)["fn"] if first[0] <= 1.0 else []
-    return spread(first + more)[0], peak
-
-
-def fwd_bwd(fn, *inputs):
-    """A closure that runs fn(*inputs) forward and backward (inputs need requires_grad)."""
-    def run():
-        for t in inputs:
-            t.grad = None
-        fn(*inputs).sum().backward()
-    return run
-
-
-def fmt_mb(b):
-    return "n/a" if b is None else f"{b / 2**20:.1f}"
-
-
-# ----------------------------------------------------------------------------------------------
 # demo
 
 
@@ -259,18 +147,31 @@ def exactness(n=197, seed=0):
         q, k, v = m.split_heads(x)
         ref = m.proj(softmax_attention(q, k, v).transpose(1, 2).reshape(2, n, 192))
         w = softmax_attention_weights(q, k)                           # (B, H, N, N)
-        out.update(module_vs_explicit=float((m(x) - ref).abs().max()), weights_shape=tuple(w.shape),
-                   row_sum_error=float((w.sum(-1) - 1).abs().max()), all_positive=bool((w > 0).all()))
+        out.update(module_vs_explicit=float((m(x) - ref).abs().max()),
+                   weights_shape=tuple(w.shape), all_positive=bool((w > 0).all()),
+                   row_sum_error=float((w.sum(-1) - 1).abs().max()))
     return out
+
+
+def fwd_bwd_ms(fn, q, k, v, min_time=0.2):
+    """Median ms of one forward + backward of fn(q, k, v) by torch.utils.benchmark's Timer: its
+    blocked_autorange sizes a block of calls untimed, then times blocks for min_time seconds."""
+    from torch.utils import benchmark  # here, not at the top: it also loads torch's C++ tooling
+    timer = benchmark.Timer("torch.autograd.grad(fn(q, k, v).sum(), (q, k, v))",
+                            globals={"torch": torch, "fn": fn, "q": q, "k": k, "v": v},
+                            num_threads=torch.get_num_threads())  # the Timer's default is 1
+    return timer.blocked_autorange(min_run_time=min_time).median * 1e3
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description="Step 01: softmax attention and its O(N^2) cost.")
-    p.add_argument("--sizes", type=int, nargs="+", default=[197, 785, 3137, 12545],
-                   help="sequence lengths N for the cost table (DeiT at 224, 448, 896, 1792 px)")
+    p.add_argument("--sizes", type=int, nargs="+", default=[197, 785, 3137],
+                   help="sequence lengths N for the cost table (DeiT at 224, 448, 896 px; add "
+                   "12545, 1792 px, for 1.8 GB of weights: about 30 s more, 5.4 GB at the peak)")
     p.add_argument("--heads", type=int, default=3, help="heads (DeiT-T: 3 of 64 channels)")
     p.add_argument("--head-dim", type=int, default=64)
-    p.add_argument("--repeat", type=int, default=3, help="timed runs per entry (median shown)")
+    p.add_argument("--min-time", type=float, default=0.2,
+                   help="seconds of timed calls per entry (at least one call)")
     args = p.parse_args(argv)
     torch.manual_seed(0)
 
@@ -283,21 +184,22 @@ def main(argv=None):
           f"{r['row_sum_error']:.1e}), all positive: {r['all_positive']}")
 
     H, d = args.heads, args.head_dim
-    print(f"\n2) Cost of the attention core, forward + backward, B=1, {H} heads x {d} channels,"
-          f" CPU ({torch.get_num_threads()} threads)")
-    print(f"   {'N':>6} {'N x N matrix MB':>16} | {'explicit ms':>11} {'peak MB':>9} |"
-          f" {'SDPA ms':>9} {'peak MB':>9} | {'time vs prev N':>14}")
-    prev = None
+    print(f"\n2) Time of the attention core, forward + backward, B=1, {H} heads x {d} channels,"
+          f" CPU ({torch.get_num_threads()} threads),\n   median ms by torch.utils.benchmark")
+    print(f"   {'N':>6} {'N x N weights MB':>16} | {'explicit ms':>11} {'SDPA ms':>9} |"
+          f" {'time vs prev N':>14}")
+    prev, r["times_ms"] = None, {}
     for n in args.sizes:
         q, k, v = (torch.randn(1, H, n, d, requires_grad=True) for _ in range(3))
-        t_e, m_e = measure(fwd_bwd(softmax_attention, q, k, v), repeat=args.repeat)
-        t_s, m_s = measure(fwd_bwd(F.scaled_dot_product_attention, q, k, v), repeat=args.repeat)
-        growth = "" if prev is None else f"x{t_e / prev[0]:.1f} / x{t_s / prev[1]:.1f}"
-        print(f"   {n:>6} {H * n * n * 4 / 2**20:>16.1f} | {t_e * 1e3:>11.1f} {fmt_mb(m_e):>9} |"
-              f" {t_s * 1e3:>9.1f} {fmt_mb(m_s):>9} | {growth:>14}")
-        prev = (t_e, t_s)
-    print("   Each step multiplies N by ~4: an O(N^2) cost grows ~16x. The explicit form stores the"
-          "\n   N x N weights (and their gradient), so its memory grows ~16x too; SDPA streams them.")
+        t = (fwd_bwd_ms(softmax_attention, q, k, v, args.min_time),
+             fwd_bwd_ms(F.scaled_dot_product_attention, q, k, v, args.min_time))
+        growth = "" if prev is None else f"x{t[0] / prev[0]:.1f} / x{t[1] / prev[1]:.1f}"
+        print(f"   {n:>6} {H * n * n * 4 / 2**20:>16.1f} | {t[0]:>11.1f} {t[1]:>9.1f} |"
+              f" {growth:>14}", flush=True)
+        prev = r["times_ms"][n] = t
+    print("   Each step multiplies N by ~4: an O(N^2) cost grows ~16x, and so do the N x N weights"
+          "\n   (float32, all heads) that the explicit form keeps for its backward; SDPA computes"
+          "\n   them block by block and keeps none. Peak memory of the modules: tools/bench.py.")
     return r
 
 

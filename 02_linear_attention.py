@@ -22,7 +22,7 @@ The kernels phi of the InLine paper (Han et al., 2024, Table 2 / Table 7):
 
 This file gives feature_map, linear_attention (the O(N d^2) form), linear_attention_weights
 (the N x N form, for analysis only) and LinearAttention, the module. Run it to see the two
-orders of multiplication agree and how its cost compares with softmax attention as N grows.
+orders of multiplication agree and how its time compares with softmax attention as N grows.
 """
 import argparse
 import importlib
@@ -49,7 +49,7 @@ def feature_map(x, kernel):
 
 
 def kv_buffer(k, v):
-    """The KV buffer sum_j k_j v_j^T of (already feature-mapped) keys: (B, H, N, d) -> (B, H, d, d)."""
+    """The KV buffer sum_j k_j v_j^T of feature-mapped keys: (B, H, N, d) -> (B, H, d, d)."""
     return k.transpose(-2, -1) @ v
 
 
@@ -81,7 +81,7 @@ def linear_attention(q, k, v, kernel="relu", eps=1e-6):
 
 
 def linear_attention_weights(q, k, kernel="relu", eps=1e-6):
-    """The N x N weights w_ij = phi(q_i).phi(k_j) / (sum_t phi(q_i).phi(k_t) + eps), for analysis."""
+    """The N x N weights w_ij = phi(q_i).phi(k_j) / (sum_t phi(q_i).phi(k_t) + eps) (analysis)."""
     softmax.check_qkv(q, k)
     sim = feature_map(q, kernel) @ feature_map(k, kernel).transpose(-2, -1)  # (B, H, N, N)
     return sim / (sim.sum(dim=-1, keepdim=True) + eps)
@@ -100,7 +100,7 @@ class LinearAttention(softmax.SoftmaxAttention):
         self.kernel = kernel
 
     def attend(self, q, k, v):
-        return in_float32(linear_attention, q, k, v, kernel=self.kernel)  # float32 sums under autocast
+        return in_float32(linear_attention, q, k, v, kernel=self.kernel)  # float32 sums, autocast
 
     def attention_weights(self, x):
         """(B, N, C) -> (B, H, N, N): the weights attend() applies to the values."""
@@ -114,8 +114,8 @@ class LinearAttention(softmax.SoftmaxAttention):
 
 
 def associativity(n=197, d=32, seed=0):
-    """The numbers of the demo's part 1: {kernel: max |fast - N x N form|} in float64 (B=2, 6 heads),
-    and the multiply-adds per head of the two orders."""
+    """The numbers of the demo's part 1: {kernel: max |fast - N x N form|} in float64 (B=2,
+    6 heads), and the multiply-adds per head of the two orders."""
     g = torch.Generator().manual_seed(seed)
     q, k, v = torch.randn(3, 2, 6, n, d, generator=g, dtype=torch.float64)  # (B, H, N, d) each
     diffs = {}
@@ -136,7 +136,8 @@ def main(argv=None):
                    help="sequence lengths N for the cost table")
     p.add_argument("--heads", type=int, default=6, help="heads (InLine-DeiT-T: 6 of 32 channels)")
     p.add_argument("--head-dim", type=int, default=32)
-    p.add_argument("--repeat", type=int, default=5, help="timed runs per entry (median shown)")
+    p.add_argument("--min-time", type=float, default=0.2,
+                   help="seconds of timed calls per entry (at least one call)")
     args = p.parse_args(argv)
     torch.manual_seed(0)
 
@@ -149,25 +150,23 @@ def main(argv=None):
 
     H, d = args.heads, args.head_dim
     print(f"\n2) Forward + backward of the attention core, B=1, {H} heads x {d} channels, "
-          f"CPU ({torch.get_num_threads()} threads)")
-    print(f"   {'N':>6} | {'softmax ms':>10} {'peak MB':>8} | {'linear ms':>10} {'peak MB':>8} |"
-          f" {'time ratio':>10}")
-    crossover = None
+          f"CPU ({torch.get_num_threads()} threads),\n   median ms by torch.utils.benchmark")
+    print(f"   {'N':>6} | {'softmax ms':>10} | {'linear ms':>10} | {'time ratio':>10}")
+    crossover, r["times_ms"] = None, {}
     for n in args.sizes:
         q, k, v = (torch.randn(1, H, n, d, requires_grad=True) for _ in range(3))
-        t_s, m_s = softmax.measure(softmax.fwd_bwd(F.scaled_dot_product_attention, q, k, v),
-                                   args.repeat)
-        t_l, m_l = softmax.measure(softmax.fwd_bwd(linear_attention, q, k, v), args.repeat)
+        t_s = softmax.fwd_bwd_ms(F.scaled_dot_product_attention, q, k, v, args.min_time)
+        t_l = softmax.fwd_bwd_ms(linear_attention, q, k, v, args.min_time)
         if crossover is None and t_l < t_s:
             crossover = n
-        print(f"   {n:>6} | {t_s * 1e3:>10.2f} {softmax.fmt_mb(m_s):>8} |"
-              f" {t_l * 1e3:>10.2f} {softmax.fmt_mb(m_l):>8} | {t_s / t_l:>9.1f}x")
+        print(f"   {n:>6} | {t_s:>10.2f} | {t_l:>10.2f} | {t_s / t_l:>9.1f}x", flush=True)
+        r["times_ms"][n] = (t_s, t_l)
     print("   softmax = torch's fused SDPA (step 01); linear = linear_attention, ReLU kernel;"
           "\n   time ratio = softmax time / linear time (above 1: linear attention is faster).")
     if crossover is None:
         print("   Linear attention was not faster at any measured N.")
     else:
-        print(f"   Crossover: linear attention is faster from N = {crossover} on (of the N measured).")
+        print(f"   Crossover: linear attention is faster from N = {crossover} on (of those run).")
     return r
 
 

@@ -66,7 +66,7 @@ def inline_attention(q, k, v, kernel="identity", scale=1.0):
     # mean_t phi(q_i).phi(k_t) = phi(q_i) . mean_t phi(k_t), so eq. 5 is
     #   w_ij = s phi(q_i) . (phi(k_j) - mean_t phi(k_t)) + 1/N:  linear attention on centred keys,
     # with no division, plus the uniform 1/N. Centre the keys, then associate as in step 02:
-    kv = centred_kv_buffer(k, v)                          # (B, H, d, d)  sum_j (phi(k_j) - mean phi(k)) v_j^T
+    kv = centred_kv_buffer(k, v)  # (B, H, d, d)  sum_j (phi(k_j) - mean phi(k)) v_j^T
     return q @ (scale * kv) + v.mean(dim=-2, keepdim=True)  # (B, H, N, d)  + (1/N) sum_j v_j
 
 
@@ -101,17 +101,16 @@ def weights_of(name, q, k):
     """Attention weights (M, N) of M queries q (M, d) over N keys k (N, d), one head."""
     d, n = q.shape[-1], k.shape[-2]
     q, k = q[None, None], k[None, None]  # (1, 1, M, d), (1, 1, N, d)
-    if name == "softmax":
+    family, _, kernel = name.partition("-")
+    if family == "softmax":
         w = softmax.softmax_attention_weights(q, k)
-    else:  # "linear-<kernel>" or "inline-<kernel>"
-        family, kernel = name.split("-", 1)
-        if family == "linear":
-            w = linear.linear_attention_weights(q, k, kernel=kernel, eps=0.0)
-        elif family == "inline":  # with the module's scale
-            w = inline_attention_weights(q, k, kernel=kernel, scale=d ** -0.5 / n)
-        else:
-            raise ValueError(f"unknown attention {name!r}: expected softmax, linear-<kernel> "
-                             f"or inline-<kernel>")
+    elif family == "linear":
+        w = linear.linear_attention_weights(q, k, kernel=kernel, eps=0.0)
+    elif family == "inline":  # with the module's scale
+        w = inline_attention_weights(q, k, kernel=kernel, scale=d ** -0.5 / n)
+    else:
+        raise ValueError(f"unknown attention {name!r}: expected softmax, linear-<kernel> "
+                         f"or inline-<kernel>")
     return w[0, 0]
 
 
@@ -131,7 +130,7 @@ def collisions(k, generator):
     q_neg = q.clone()
     q_neg[q_neg < 0] *= 5.0   # change only the coordinates ReLU zeroes
     A = torch.randn(d, d, generator=generator, dtype=dt) / d ** 0.5
-    b = 3.0 + torch.rand(d, generator=generator, dtype=dt)  # A q + b > 0 for typical q: ReLU(A q + b) = A q + b
+    b = 3.0 + torch.rand(d, generator=generator, dtype=dt)  # ReLU(A q + b) = A q + b for typical q
     q_ab = torch.linalg.solve(A, 2.0 * (A @ q[0] + b) - b)[None]  # phi(q_ab) = 2 phi(q)
     pairs = {}
     for name in NAMES:
@@ -152,12 +151,13 @@ def confusion_counts(k, directions, tol, generator, lengths=(0.5, 1.0, 2.0, 4.0)
     `directions` random unit directions times each of `lengths` (so every query is distinct)."""
     d, dt = k.shape[-1], k.dtype
     lengths = torch.tensor(lengths, dtype=dt)
-    u = torch.nn.functional.normalize(torch.randn(directions, d, generator=generator, dtype=dt), dim=-1)
+    u = torch.randn(directions, d, generator=generator, dtype=dt)
+    u = torch.nn.functional.normalize(u, dim=-1)                        # unit directions
     queries = (u[:, None, :] * lengths[None, :, None]).reshape(-1, d)  # (M * L, d)
     m = queries.shape[0]
     return {"queries": m, "pairs": m * (m - 1) // 2, "lengths": lengths.tolist(),
             "same direction pairs": directions * len(lengths) * (len(lengths) - 1) // 2,
-            "confused": {name: confusion_pairs(weights_of(name, queries, k), tol) for name in NAMES}}
+            "confused": {n: confusion_pairs(weights_of(n, queries, k), tol) for n in NAMES}}
 
 
 def inline_properties(k, generator):
@@ -198,7 +198,8 @@ def figure1():
     q_a = c * torch.tensor([1.0, 0.5], dtype=dt)                                   # (4, 2)
     q_b = torch.linalg.solve(A, (c * (A @ torch.tensor([1.0, 0.0], dtype=dt) + b) - b).T).T
     out = {}
-    for key, q, phi, label in [("a", q_a, torch.relu, "ReLU(x)"), ("b", q_b, relu_ab, "ReLU(Ax + b)")]:
+    for key, q, phi, label in [("a", q_a, torch.relu, "ReLU(x)"),
+                               ("b", q_b, relu_ab, "ReLU(Ax + b)")]:
         out[key] = {"kernel": label, "queries": q, "keys": k, "weights": {
             "softmax": weights_of("softmax", q, k),
             "linear": weights_of("linear-identity", phi(q), phi(k)),   # phi applied above
@@ -214,13 +215,10 @@ def row_spread(w):
 
 def plot_figure1(fig1, path):
     """Fig. 1 as a PNG: per setting, the queries and keys in the plane and the three weight maps
-    with their values in the cells. Returns the matplotlib Figure (already saved and closed)."""
-    import matplotlib
-    matplotlib.use("Agg")  # files only, no window
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(2, 4, figsize=(13, 7.6), dpi=100, layout="constrained",
-                             gridspec_kw={"width_ratios": [1.1, 1, 1, 1]})
+    with their values in the cells. Returns the matplotlib Figure (already saved)."""
+    from matplotlib.figure import Figure  # not pyplot: no window, nothing process-wide
+    fig = Figure(figsize=(13, 7.6), dpi=100, layout="constrained")
+    axes = fig.subplots(2, 4, gridspec_kw={"width_ratios": [1.1, 1, 1, 1]})
     colors = ["tab:blue", "tab:orange", "tab:green", "tab:red"]
     for row, (key, setting) in enumerate(fig1.items()):
         q, k = setting["queries"], setting["keys"]
@@ -233,17 +231,16 @@ def plot_figure1(fig1, path):
             ax.plot(*qi, "o", color=colors[i], ms=8, label=f"q{i + 1} = ({qi[0]:.2f}, {qi[1]:.2f})")
             ax.text(qi[0] + 0.15, qi[1] - 0.35, f"q{i + 1}", color=colors[i], fontsize=10)
         start = torch.zeros(2, dtype=q.dtype) if key == "a" else q[0] - 0.3 * (q[-1] - q[0])
-        ax.plot(*torch.stack([start, q[-1]]).T.tolist(), ":", color="0.6", lw=1)  # the queries' line
+        ax.plot(*torch.stack([start, q[-1]]).T.tolist(), ":", color="0.6", lw=1)  # queries' line
         pts = torch.cat([q, k, torch.zeros(1, 2, dtype=q.dtype)])
         lo, hi = pts.min(0).values - 0.6, pts.max(0).values + 0.6
-        ax.set_xlim(float(lo[0]), float(hi[0]))
-        ax.set_ylim(float(lo[1]), float(hi[1]))
+        ax.set(xlim=(float(lo[0]), float(hi[0])), ylim=(float(lo[1]), float(hi[1])),
+               xlabel="coordinate 1", ylabel="coordinate 2")
         ax.axhline(0, color="0.85", lw=0.8, zorder=0)
         ax.axvline(0, color="0.85", lw=0.8, zorder=0)
-        ax.set_xlabel("coordinate 1")
-        ax.set_ylabel("coordinate 2")
         ax.legend(fontsize=8, loc="upper left")
-        kind = "q_i = c_i q: collinear" if key == "a" else "q_i = A^-1(c_i(Aq + b) - b): not collinear"
+        kind = ("q_i = c_i q: collinear" if key == "a"
+                else "q_i = A^-1(c_i(Aq + b) - b): not collinear")
         ax.set_title(f"({key}) phi(x) = {setting['kernel']}\n{kind}", fontsize=10)
         maps = setting["weights"]
         lo = min(float(w.min()) for w in maps.values())
@@ -259,8 +256,7 @@ def plot_figure1(fig1, path):
                             color="white" if dark else "black")
             ax.set_xticks(range(w.shape[1]), [f"k{j + 1}" for j in range(w.shape[1])])
             ax.set_yticks(range(w.shape[0]), [f"q{i + 1}" for i in range(w.shape[0])])
-            ax.set_xlabel("key")
-            ax.set_ylabel("query")
+            ax.set(xlabel="key", ylabel="query")
             phi = "" if name == "softmax" else f", phi = {setting['kernel']}"
             spread = row_spread(w)
             verdict = "rows identical: confused" if spread < 1e-9 else "rows distinct"
@@ -270,7 +266,6 @@ def plot_figure1(fig1, path):
                  " softmax and InLine (eq. 5) do not.\nEach row of a map is one query's weights"
                  " over the 4 keys (it sums to 1; InLine's can be negative).", fontsize=11)
     save_png(fig, path)
-    plt.close(fig)
     return fig
 
 
@@ -307,19 +302,22 @@ def main(argv=None):
 
     col = collisions(k, g)
     print(f"N = {n} random keys, d = {d}; max |w(q) - w(q')| over the N weights of each pair:")
-    print(f"   {'attention':18s} {'q vs 2q':>10} {'q vs q_neg':>11}  (q_neg: negative coordinates x5)")
+    print(f"   {'attention':18s} {'q vs 2q':>10} {'q vs q_neg':>11}"
+          f"  (q_neg: negative coordinates x5)")
     for name, pair in col["pairs"].items():
         print(f"   {name:18s} {pair['q vs 2q']:>10.2e} {pair['q vs q_neg']:>11.2e}")
     print("   (InLine with the ReLU kernel still confuses q and q_neg: phi = ReLU itself forgets"
           "\n   the negative coordinates, which is why InLine uses the identity kernel.)")
     ab = col["relu_ab"]
-    print(f"   kernel ReLU(A x + b): q and q' = A^-1(2(Aq + b) - b) (cosine {ab['cosine']:+.2f}, not collinear)"
-          f"\n   get linear-attention weights differing by {ab['linear']:.2e}; softmax: {ab['softmax']:.2e}")
+    print(f"   kernel ReLU(A x + b): q and q' = A^-1(2(Aq + b) - b) (cosine {ab['cosine']:+.2f},"
+          f" not collinear)\n   get linear-attention weights differing by {ab['linear']:.2e};"
+          f" softmax: {ab['softmax']:.2e}")
 
     conf = confusion_counts(k, args.directions, args.tol, g)
     print(f"\nConfusion count (in the spirit of Fig. 3): {conf['queries']} distinct queries ="
-          f" {args.directions} directions x lengths {conf['lengths']};\n   pairs of them whose attention"
-          f" distributions are the same (L1 distance < {args.tol:g}), of {conf['pairs']} pairs:")
+          f" {args.directions} directions x lengths {conf['lengths']};\n   pairs of them whose"
+          f" attention distributions are the same (L1 distance < {args.tol:g}), of"
+          f" {conf['pairs']} pairs:")
     for name, count in conf["confused"].items():
         print(f"   {name:18s} {count:>6}")
     print(f"   ({args.directions} x 6 = {conf['same direction pairs']} pairs share a direction:"
@@ -329,7 +327,8 @@ def main(argv=None):
     print(f"\nInLine weights (identity kernel, s = d^-0.5 / N): rows sum to 1 (max error"
           f" {props['row_sum_error']:.1e}),\n   yet {100 * props['negative_share']:.0f}%"
           f" of them are negative (min {props['min']:.2e}, uniform 1/N = {props['uniform']:.2e});"
-          f"\n   linear-time form vs N x N form, float64: max difference {props['fast_vs_n_by_n']:.1e}")
+          f"\n   linear-time form vs N x N form, float64: max difference"
+          f" {props['fast_vs_n_by_n']:.1e}")
     out = {"collisions": col, "confusion": conf, "inline": props}
 
     if args.plot:

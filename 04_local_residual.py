@@ -77,7 +77,7 @@ def local_attention_mass(weights, window=3):
 
 class InLineAttention(injective.InjectiveLinearAttention):
     """InLine attention: injective linear attention (step 03) + the local attention residual, a
-    per-sample predicted window x window depthwise convolution of the values (window=3: official)."""
+    per-sample predicted window x window depthwise convolution of the values (official: 3)."""
 
     def __init__(self, dim, num_heads=8, qkv_bias=True, attn_drop=0.0, proj_drop=0.0,
                  kernel="identity", window=3):
@@ -92,15 +92,15 @@ class InLineAttention(injective.InjectiveLinearAttention):
         )
 
     def local_residual(self, x, v):
-        """sum_o r[c, o] v_{p+o}[c] for each patch token; x: (B, N, C), v: (B, H, N, d) -> (B, N, C)."""
+        """sum_o r[c, o] v_{p+o}[c] per patch token; x: (B, N, C), v: (B, H, N, d) -> (B, N, C)."""
         B, N, C = x.shape
         side, cls = grid_size(N)
         w = self.window
-        r = self.residual(x.mean(dim=1)[:, :, None])          # (B, w*w*C, 1)  kernels from the mean token
-        r = r.reshape(B * C, 1, w, w)                         # one w x w kernel per sample and channel
-        v_map = self.merge_heads(v)[:, cls:]                  # (B, H*W, C)  patch values, heads side by side
+        r = self.residual(x.mean(dim=1)[:, :, None])  # (B, w*w*C, 1)  kernels from the mean token
+        r = r.reshape(B * C, 1, w, w)                 # one w x w kernel per sample and channel
+        v_map = self.merge_heads(v)[:, cls:]          # (B, H*W, C) patch values, heads side by side
         v_map = v_map.transpose(1, 2).reshape(1, B * C, side, side)  # (1, B*C, H, W)
-        out = F.conv2d(v_map, r, padding=w // 2, groups=B * C)  # (1, B*C, H, W)  depthwise, per sample
+        out = F.conv2d(v_map, r, padding=w // 2, groups=B * C)  # (1, B*C, H, W), per sample
         out = out.reshape(B, C, side * side).transpose(1, 2)  # (B, H*W, C)
         return F.pad(out, (0, 0, cls, 0))                     # (B, N, C), zero for the class token
 
@@ -189,46 +189,38 @@ def query_maps(side=14, dim=32, blur=4, seed=0, query=None, names=NAMES):
 
 def plot_attention_maps(qm, path):
     """The query's weights on the grid, one panel per attention, its 3x3 window outlined."""
-    import matplotlib
-    matplotlib.use("Agg")  # files only, no window
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # not pyplot: no window, nothing process-wide
     from matplotlib.patches import Rectangle
-
     names = list(qm["maps"])
-    fig, axes = plt.subplots(1, len(names), figsize=(3.6 * len(names), 3.9), dpi=100,
-                             layout="constrained")
+    fig = Figure(figsize=(3.6 * len(names), 3.9), dpi=100, layout="constrained")
+    axes = fig.subplots(1, len(names))
     r, c = qm["query"]
     for ax, name in zip(axes, names):
         w = qm["maps"][name]
         im = ax.imshow(w.numpy(), cmap="magma")
         ax.add_patch(Rectangle((c - 1.5, r - 1.5), 3, 3, fill=False, ec="cyan", lw=1.5))
         ax.plot(c, r, "+", color="cyan", ms=8)
-        ax.set_title(f"{name}\n3x3 mass {qm['mass'][name][3]:.2f} (uniform {9 / (w.numel() + 1):.2f})",
-                     fontsize=9)
-        ax.set_xticks(range(0, w.shape[1], 2))
-        ax.set_yticks(range(0, w.shape[0], 2))
-        ax.set_xlabel("patch column")
-        ax.set_ylabel("patch row")
+        ax.set_title(f"{name}\n3x3 mass {qm['mass'][name][3]:.2f} (uniform"
+                     f" {9 / (w.numel() + 1):.2f})", fontsize=9)
+        ax.set(xticks=range(0, w.shape[1], 2), yticks=range(0, w.shape[0], 2),
+               xlabel="patch column", ylabel="patch row")
         fig.colorbar(im, ax=ax, shrink=0.75, label="weight w_ij")
     side = qm["maps"][names[0]].shape[0]
     fig.suptitle(f"Attention weights of one query (+, its 3x3 window outlined) over a {side}x{side}"
                  f" token map whose neighbours are alike (q = k = tokens);\neach panel has its own"
-                 f" colour scale: softmax is local, the kernel forms spread their weight", fontsize=10)
+                 f" colour scale: softmax is local, the kernel forms spread their weight",
+                 fontsize=10)
     injective.save_png(fig, path)
-    plt.close(fig)
     return fig
 
 
 def plot_local_mass(table, path):
     """The demo's table as bars: local attention mass per attention and window, per blur, with
     the uniform baseline window**2 / N."""
-    import matplotlib
-    matplotlib.use("Agg")  # files only, no window
-    import matplotlib.pyplot as plt
-
+    from matplotlib.figure import Figure
     blurs = sorted({row["blur"] for row in table["rows"]})
-    fig, axes = plt.subplots(1, len(blurs), figsize=(6 * len(blurs), 3.9), dpi=100,
-                             layout="constrained", sharey=True)
+    fig = Figure(figsize=(6 * len(blurs), 3.9), dpi=100, layout="constrained")
+    axes = fig.subplots(1, len(blurs), sharey=True)
     colors = {3: "tab:blue", 5: "tab:orange", 7: "tab:green"}
     for ax, blur in zip(axes, blurs):
         rows = [row for row in table["rows"] if row["blur"] == blur]
@@ -239,17 +231,15 @@ def plot_local_mass(table, path):
             ax.hlines(table["uniform"][win], -0.5, len(rows) - 0.5, colors=colors[win],
                       linestyles="--", lw=1)
         ax.set_xticks(range(len(rows)), [row["attention"] for row in rows])
-        ax.set_xlim(-0.5, len(rows) - 0.5)
-        ax.set_ylim(0, 1)
-        ax.set_ylabel("local attention mass")
-        ax.set_xlabel("attention weights (inline: eq. 5, without its local residual)")
-        what = "plain noise, no spatial structure" if blur == 0 else "neighbours alike, as in an image"
+        ax.set(xlim=(-0.5, len(rows) - 0.5), ylim=(0, 1), ylabel="local attention mass",
+               xlabel="attention weights (inline: eq. 5, without its local residual)")
+        what = ("plain noise, no spatial structure" if blur == 0
+                else "neighbours alike, as in an image")
         ax.set_title(f"blur {blur}: {what}", fontsize=10)
     axes[0].legend(fontsize=8, loc="upper right", title="dashed: uniform k*k/N", title_fontsize=8)
     fig.suptitle("Share of a patch query's attention in its k x k neighbourhood (InLine Fig. 4's"
                  " measure), mean over queries and maps", fontsize=11)
     injective.save_png(fig, path)
-    plt.close(fig)
     return fig
 
 
@@ -268,24 +258,24 @@ def main(argv=None):
     table = local_mass_table(side, d, args.samples, args.seed)
     n = table["n"]
 
-    print(f"Local attention mass (paper Fig. 4): the share of each patch query's attention that falls"
-          f"\nin its w x w neighbourhood, on {side}x{side} token maps + a class token (N = {n}), q = k ="
-          f" tokens,\nd = {d}, mean over queries and {args.samples} maps. 'blur 4': neighbouring tokens"
-          f" are alike, as in an\nimage (noise blurred 4 times); 'blur 0': plain noise, no spatial"
-          f" structure. 'self': weight on the query's own token.")
+    print(f"Local attention mass (paper Fig. 4): the share of each patch query's attention that"
+          f" falls\nin its w x w neighbourhood, on {side}x{side} token maps + a class token (N ="
+          f" {n}), q = k = tokens,\nd = {d}, mean over queries and {args.samples} maps. 'blur 4':"
+          f" neighbouring tokens are alike, as in an\nimage (noise blurred 4 times); 'blur 0':"
+          f" plain noise, no spatial structure. 'self': weight on the query's own token.")
     print(f"   {'attention':16s} {'blur':>4} | {'self':>5} | "
           + " | ".join(f"{win}x{win} mass (x uniform)" for win in WINDOWS))
     for row in table["rows"]:
         masses = row["mass"]
         print(f"   {row['attention']:16s} {row['blur']:>4} | {row['self']:>5.3f} | " + " | ".join(
-            f"{masses[win]:>8.3f} (x{masses[win] / table['uniform'][win]:>5.1f}) " for win in masses))
+            f"{m:>8.3f} (x{m / table['uniform'][win]:>5.1f}) " for win, m in masses.items()))
     u = table["uniform"]
     print(f"   uniform baseline k*k/N: 3x3 {u[3]:.3f}, 5x5 {u[5]:.3f}, 7x7 {u[7]:.3f}"
           f" (a little less at the border)."
-          f"\n   Softmax's exp() turns 'my neighbours look like me' into most of the mass; the kernel"
-          f"\n   forms gain far less from the same structure (ELU+1 almost nothing), and with no"
-          f"\n   structure only softmax still concentrates (on the query itself). InLine therefore adds"
-          f"\n   locality explicitly, with its 3x3 local residual:")
+          "\n   Softmax's exp() turns 'my neighbours look like me' into most of the mass; the"
+          "\n   kernel forms gain far less from the same structure (ELU+1 almost nothing), and with"
+          "\n   no structure only softmax still concentrates (on the query itself). InLine"
+          "\n   therefore adds locality explicitly, with its 3x3 local residual:")
 
     par = inline_parameters(args.seed)
     print(f"\nInLineAttention(192, 6 heads) adds {par['extra']:,} parameters per block (residual.0:"
@@ -302,8 +292,9 @@ def main(argv=None):
         paths = [os.path.join(args.plot, f) for f in ("attention_maps.png", "local_mass.png")]
         out["figures"] = {paths[0]: plot_attention_maps(qm, paths[0]),
                           paths[1]: plot_local_mass(table, paths[1])}
-        print(f"\nwrote {paths[0]} (query at row {qm['query'][0]}, column {qm['query'][1]}; 3x3 mass "
-              + ", ".join(f"{name} {m[3]:.2f}" for name, m in qm["mass"].items()) + f")\nwrote {paths[1]}")
+        print(f"\nwrote {paths[0]} (query at row {qm['query'][0]}, column {qm['query'][1]};"
+              f" 3x3 mass " + ", ".join(f"{name} {m[3]:.2f}" for name, m in qm["mass"].items())
+              + f")\nwrote {paths[1]}")
     return out
 
 

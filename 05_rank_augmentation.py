@@ -22,7 +22,7 @@ twice (the paper's Fig. 3 and eqs. 7-9):
 
 rala_attention(q, k, v), with phi = ELU + 1, computes (as the official code does, eps on the mean)
 
-    out_i = phi(q_i)^T (sum_j alpha_j phi(k_j) v_j^T) / N  /  (phi(q_i) . mean_j alpha_j phi(k_j) + eps)
+    out_i = phi(q_i)^T (sum_j alpha_j phi(k_j) v_j^T) / (N (phi(q_i).mean_j alpha_j phi(k_j) + eps))
 
 and RALAttention is the official RALA block attention for (B, N, C) tokens: one `qkvo` linear
 (q, k, v, gate o in that order), `lepe` (a 5x5 depthwise convolution on the value map of the patch
@@ -40,9 +40,9 @@ to 1. (RALA needs its division for that; InLine never divides, so re-weighting c
 normalisation or make a denominator vanish.) Each part is a constructor flag; with
 reweight=False, gate=False it computes exactly what InLineAttention computes.
 
-Run it for the rank tables; `--bench` for the speed / memory table of every module of steps 01-05.
-`--plot DIR` also draws the singular values behind the tables: the KV buffers, plain and
-re-weighted (DIR/kv_spectra.png), and each module's output (DIR/output_spectra.png).
+Run it for the rank tables. `--plot DIR` also draws the singular values behind the tables: the
+KV buffers, plain and re-weighted (DIR/kv_spectra.png), and each module's output
+(DIR/output_spectra.png). The speed and memory of every module: `python tools/bench.py modules`.
 """
 import argparse
 import importlib
@@ -100,7 +100,7 @@ def rala_attention(q, k, v, scale=None, eps=1e-6):
     q, k = linear.feature_map(q, "elu"), linear.feature_map(k, "elu")  # (B, H, N, d)
     n = k.shape[-2]
     k = reweighted_keys(q, k, scale)                     # (B, H, N, d)  alpha_j phi(k_j)
-    kv = linear.kv_buffer(k, v) / n                      # (B, H, d, d)  the re-weighted KV buffer / N
+    kv = linear.kv_buffer(k, v) / n                      # (B, H, d, d)  re-weighted KV buffer / N
     z = q @ k.mean(dim=-2, keepdim=True).transpose(-2, -1) + eps  # (B, H, N, 1)
     return (q @ kv) / z
 
@@ -144,10 +144,10 @@ class RALAttention(nn.Module):
 
     def attend(self, q, k, v):
         """The attention core: (B, H, N, d) -> (B, H, N, d)."""
-        return linear.in_float32(rala_attention, q, k, v, scale=self.scale)  # float32 sums (step 02)
+        return linear.in_float32(rala_attention, q, k, v, scale=self.scale)  # float32 sums (02)
 
     def attention_weights(self, x):
-        """(B, N, C) -> (B, H, N, N): the alpha-re-weighted weights attend() applies (no lepe, gate)."""
+        """(B, N, C) -> (B, H, N, N): attend()'s alpha-re-weighted weights (no lepe, no gate)."""
         q, k, _ = self.split_heads(x)
         return rala_attention_weights(q, k, self.scale)
 
@@ -244,7 +244,8 @@ class ReweightedInLineCore(torch.autograd.Function):
 class RankAugmentedInLineAttention(locality.InLineAttention):
     """InLine (injective weights + local residual) with RALA's re-weighted KV buffer and output
     gate. Flags: reweight (alpha on the keys), gate (output gate, a `gate` Linear), local (the
-    window x window local residual, window=3 as InLine). reweight=False, gate=False is InLineAttention, parameter for parameter."""
+    window x window local residual, window=3 as InLine). reweight=False, gate=False is
+    InLineAttention, parameter for parameter."""
 
     def __init__(self, dim, num_heads=8, qkv_bias=True, attn_drop=0.0, proj_drop=0.0,
                  kernel="identity", reweight=True, gate=True, local=True, window=3):
@@ -301,7 +302,7 @@ class RankAugmentedInLineAttention(locality.InLineAttention):
         h = x_mean.view(B, G, C // G).transpose(0, 1)                      # (G, B, C/G)
         h = torch.baddbmm(conv1.bias.view(G, 1, -1), h, conv1.weight.view(G, C // G, -1).mT)
         h = torch.baddbmm(conv2.bias.view(G, 1, -1), act(h), conv2.weight.view(G, -1, C // G).mT)
-        return h.transpose(0, 1).reshape(B * C, 1, w, w)                   # (G, B, w*w*C/G) -> kernels
+        return h.transpose(0, 1).reshape(B * C, 1, w, w)        # (G, B, w*w*C/G) -> kernels
 
     def fast_attend(self, q, k, v, q_mean, k_mean, v_mean, local=None):
         """attend() from q, k, v (B, H, N, d) and their means over the tokens (B, H, 1, d), plus
@@ -416,7 +417,8 @@ def ranks(r):
 
 def rank_scenes(n, d, objects, generator):
     """The two one-head scenes of the tables: {name: (q, k, v)}, each (1, 1, n, d)."""
-    return {"random tokens": tuple(torch.randn(3, 1, 1, n, d, generator=generator, dtype=torch.float64)),
+    random = torch.randn(3, 1, 1, n, d, generator=generator, dtype=torch.float64)
+    return {"random tokens": tuple(random),
             f"background + {objects} objects": background_scene(n, d, objects, generator)}
 
 
@@ -461,62 +463,49 @@ def module_output_ranks(x, seed, rtol):
     return out
 
 
-def plot_kv_spectra(kv, rtol, path):
-    """The KV buffers' singular values, plain vs alpha-re-weighted, one panel per scene."""
-    import matplotlib
-    matplotlib.use("Agg")  # files only, no window
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(kv), figsize=(5.5 * len(kv), 3.9), dpi=100,
-                             layout="constrained", sharey=True)
-    for ax, (scene, pair) in zip(axes, kv.items()):
-        for key, label, color in [("plain", "sum_j phi(k_j) v_j^T", "tab:blue"),
-                                  ("alpha", "sum_j alpha_j phi(k_j) v_j^T (RALA)", "tab:red")]:
-            r = pair[key]
+def plot_spectra(panels, rtol, title, path):
+    """sigma_i / sigma_1 of rank_of results on a log scale, one panel per (title, curves), each
+    curve (label, rank_of result, line style), and the tolerance of the numerical rank."""
+    from matplotlib.figure import Figure  # not pyplot: no window, nothing process-wide
+    fig = Figure(figsize=(5.5 * len(panels), 3.9), dpi=100, layout="constrained")
+    axes = fig.subplots(1, len(panels), sharey=True)
+    for ax, (name, curves) in zip(axes, panels):
+        for label, r, style in curves:
             sv = r["singular_values"] / r["singular_values"][0]
-            ax.semilogy(range(1, len(sv) + 1), sv, marker=".", color=color,
+            ax.semilogy(range(1, len(sv) + 1), sv, **style,
                         label=f"{label}: rank {r['numerical']}, eff. {r['effective']:.2f}")
         ax.axhline(rtol, color="0.5", ls=":", lw=1, label=f"rtol {rtol:g} (numerical rank)")
-        ax.set_title(scene, fontsize=10)
-        ax.set_xlabel("singular value index i")
-        ax.set_ylabel("sigma_i / sigma_1")
-        ax.legend(fontsize=8, loc="lower left")
-    d = len(next(iter(kv.values()))["plain"]["singular_values"])
-    fig.suptitle(f"Singular values of one head's d x d KV buffer (phi = ELU + 1, d = {d}): alpha"
-                 f" re-weighting spreads the spectrum where many tokens look alike,\nnot on random"
-                 f" tokens (effective rank: exp of the entropy of the normalised singular values)",
-                 fontsize=10)
+        ax.set_title(name, fontsize=10)
+        ax.set(xlabel="singular value index i", ylabel="sigma_i / sigma_1")
+        ax.legend(fontsize=7.5, loc="lower left")
+    fig.suptitle(title, fontsize=10)
     injective.save_png(fig, path)
-    plt.close(fig)
     return fig
+
+
+def plot_kv_spectra(kv, rtol, path):
+    """The KV buffers' singular values, plain vs alpha-re-weighted, one panel per scene."""
+    kinds = [("plain", "sum_j phi(k_j) v_j^T", "tab:blue"),
+             ("alpha", "sum_j alpha_j phi(k_j) v_j^T (RALA)", "tab:red")]
+    panels = [(scene, [(label, pair[key], {"marker": ".", "color": color})
+                       for key, label, color in kinds]) for scene, pair in kv.items()]
+    d = len(next(iter(kv.values()))["plain"]["singular_values"])
+    return plot_spectra(panels, rtol, f"Singular values of one head's d x d KV buffer (phi = ELU"
+                        f" + 1, d = {d}): alpha re-weighting spreads the spectrum where many tokens"
+                        f" look alike,\nnot on random tokens (effective rank: exp of the entropy"
+                        f" of the normalised singular values)", path)
 
 
 def plot_output_spectra(mods, rtol, path):
     """Each module's N x C output's singular values: the six modules, and the final module with
     each of its parts off."""
-    import matplotlib
-    matplotlib.use("Agg")  # files only, no window
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(11, 3.9), dpi=100, layout="constrained", sharey=True)
-    panels = [("the modules of steps 01-05", [name for name in mods if not name.startswith("final,")]),
-              ("the final module with one part off", ["final"] + [n for n in mods if n.startswith("final,")])]
-    for ax, (title, names) in zip(axes, panels):
-        for name in names:
-            r = mods[name]
-            sv = r["singular_values"] / r["singular_values"][0]
-            ax.semilogy(range(1, len(sv) + 1), sv, lw=1.5, ls="--" if name == "final, reweight off" else "-",
-                        label=f"{name}: rank {r['numerical']}, eff. {r['effective']:.1f}")
-        ax.axhline(rtol, color="0.5", ls=":", lw=1, label=f"rtol {rtol:g}")
-        ax.set_title(title, fontsize=10)
-        ax.set_xlabel("singular value index i")
-        ax.set_ylabel("sigma_i / sigma_1")
-        ax.legend(fontsize=7.5, loc="lower left")
-    fig.suptitle("Singular values of each module's N x C output (untrained, 6 heads, C = 192, on a"
-                 " smooth 14x14 token map + class token)", fontsize=11)
-    injective.save_png(fig, path)
-    plt.close(fig)
-    return fig
+    ablations = [name for name in mods if name.startswith("final,")]
+    panels = [("the modules of steps 01-05", [n for n in mods if n not in ablations]),
+              ("the final module with one part off", ["final"] + ablations)]
+    panels = [(title, [(n, mods[n], {"lw": 1.5, "ls": "--" if n == "final, reweight off" else "-"})
+                       for n in names]) for title, names in panels]
+    return plot_spectra(panels, rtol, "Singular values of each module's N x C output (untrained,"
+                        " 6 heads, C = 192, on a smooth 14x14 token map + class token)", path)
 
 
 def show_ranks(args):
@@ -537,18 +526,18 @@ def show_ranks(args):
         print(f"   {name:16s} | " + " | ".join(f"{'':>16}{ranks(r)}" for r in per_scene.values()))
 
     side = 14
-    x = torch.cat([torch.randn(1, 192, generator=g, dtype=torch.float64),
-                   locality.smooth_tokens(side, 192, 4, g)])[None]  # (1, 197, 192)
+    x = locality.smooth_map_tokens(side, 192, 4, g)[None]  # (1, 197, 192), class token first
     print(f"\n3) The N x C output of each module (C = 192, 6 heads, freshly initialised, max rank"
           f" 192) on\n   a {side}x{side} token map + class token whose neighbours are alike")
     mods = module_output_ranks(x, args.seed, rtol)
     for name, r in mods.items():
         print(f"   {name:20s} {ranks(r)}")
-    print("   Linear attention's buffer and outputs collapse towards one direction when many tokens"
-          "\n   look alike; alpha re-weighting lifts the buffer and RALA's output there, and the gate"
-          "\n   and the local terms lift a module's output rank, before any training. On random tokens"
-          "\n   (no redundancy) alpha concentrates the buffer on fewer tokens and lowers its effective"
-          "\n   rank: what it gains depends on the scene, and in a model on what training teaches q, k.")
+    print("   Linear attention's buffer and outputs collapse towards one direction when many"
+          "\n   tokens look alike; alpha re-weighting lifts the buffer and RALA's output there, and"
+          "\n   the gate and the local terms lift a module's output rank, before any training. On"
+          "\n   random tokens (no redundancy) alpha concentrates the buffer on fewer tokens and"
+          "\n   lowers its effective rank: what it gains depends on the scene, and in a model on"
+          "\n   what training teaches q, k.")
     out = {"kv_buffer": kv, "head_outputs": heads, "module_outputs": mods}
     if args.plot:
         os.makedirs(args.plot, exist_ok=True)
@@ -559,108 +548,20 @@ def show_ranks(args):
     return out
 
 
-# ----------------------------------------------------------------------------------------------
-# benchmark
-
-
-def bench_batch(n, batch=None):
-    """B for --bench at N tokens: `batch` if given, else 8, fewer at large N (min(8, 32768 // N),
-    so that one softmax call stays about 10 s here and the whole bench a few minutes)."""
-    return batch or max(1, min(8, 32768 // n))
-
-
-def bench(args, spread_limit=0.1):
-    """Time (median of --repeat rounds, modules interleaved) and peak memory of every module,
-    forward + backward and inference, as ratios to softmax (SDPA) in the same round."""
-    names = list(ATTENTIONS)
-    print(f"Every module at C = 192, 6 heads, float32, CPU ({torch.get_num_threads()} threads);"
-          f" at least {args.repeat} rounds (more where a\ncall is short: up to 2 s of softmax"
-          f" time, at most 100), each running every module once (interleaved),\nafter one"
-          f" warm-up call that also measures peak memory. ms: median [min - max]; x softmax:"
-          f" median\n[min - max] of the per-round ratio to softmax (SDPA, same round); below 1 is"
-          f" better.")
-    final, busy = {}, {}
-    for n in args.sizes:
-        B = bench_batch(n, args.batch)
-        x = torch.randn(B, n, 192, requires_grad=True)                        # (B, N, C)
-        mods = {}
-        for name in names:
-            torch.manual_seed(0)
-            mods[name] = ATTENTIONS[name](192, num_heads=6)
-        passes = {"forward + backward": {k: softmax.fwd_bwd(m, x) for k, m in mods.items()},
-                  "inference (no grad)": {k: no_grad(m, x) for k, m in mods.items()}}
-        for title, fns in passes.items():
-            peak = {k: softmax.peak_memory(fn) for k, fn in fns.items()}  # and the warm-up call
-            t_call = softmax.timings({"softmax": fns["softmax"]}, 1)["softmax"][0]
-            rounds = max(args.repeat, min(100, int(2.0 / t_call)))  # short calls vary most
-            res = softmax.compare(fns, "softmax", rounds)
-            print(f"\nN = {n}, B = {B}, {title}, {rounds} rounds")
-            print(f"   {'module':>9} | {'ms [min - max]':>27} | {'x softmax [min - max]':>23} |"
-                  f" {'peak MB':>8} {'x softmax':>9}")
-            for k in names:
-                (t, t0, t1), (r, r0, r1) = res[k]["time"], res[k]["ratio"]
-                mem = peak[k] / peak["softmax"] if peak[k] is not None and peak["softmax"] else None
-                print(f"   {k:>9} | {t * 1e3:>9.1f} [{t0 * 1e3:>6.1f} - {t1 * 1e3:>6.1f}] |"
-                      f" {r:>6.3f} [{r0:.3f} - {r1:.3f}] | {softmax.fmt_mb(peak[k]):>8}"
-                      f" {'n/a' if mem is None else f'{mem:.2f}':>9}", flush=True)
-            final[n, title] = (res["final"]["ratio"][0], mem)
-            if softmax.unsteady(res, spread_limit):
-                busy[f"N = {n}, {title}"] = softmax.unsteady(res, spread_limit)
-    print("\nThe final module / softmax (median ratios):")
-    print(f"   {'N':>6} | {'time, fwd + bwd':>15} {'memory':>7} | {'time, inference':>15} {'memory':>7}")
-    for n in args.sizes:
-        (tt, mt), (ti, mi) = final[n, "forward + backward"], final[n, "inference (no grad)"]
-        print(f"   {n:>6} | {tt:>15.3f} {'n/a' if mt is None else f'{mt:.2f}':>7} |"
-              f" {ti:>15.3f} {'n/a' if mi is None else f'{mi:.2f}':>7}")
-    if busy:
-        print(f"\nwarning: timings spread by more than {spread_limit:.0%} of their median (the"
-              f" machine was busy?); rerun on an idle machine or with more --repeat:\n   "
-              + "\n   ".join(f"{where}: " + ", ".join(f"{k} {s:.0%}" for k, s in mods.items())
-                            for where, mods in busy.items()))
-    if args.profile:
-        n = args.profile
-        x = torch.randn(bench_batch(n, args.batch), n, 192, requires_grad=True)
-        m = RankAugmentedInLineAttention(192, num_heads=6)
-        run = softmax.fwd_bwd(m, x)
-        run()
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-            run()
-        print(f"\nWhere the final module's time goes at N = {n} (torch.profiler, self CPU time):")
-        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
-    return {"final": final, "busy": busy}
-
-
-def no_grad(fn, *inputs):
-    """A closure that runs fn(*inputs) forward only, without autograd (inference)."""
-    def run():
-        with torch.no_grad():
-            fn(*inputs)
-    return run
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description="Step 05: rank of linear attention, RALA, and the "
-                                            "final module; --bench for speed and memory.")
+                                            "final module (speed and memory: tools/bench.py).")
     p.add_argument("--tokens", type=int, default=197, help="N for the rank tables")
     p.add_argument("--head-dim", type=int, default=32, help="d for the rank tables")
-    p.add_argument("--objects", type=int, default=12, help="distinct tokens in the background scene")
+    p.add_argument("--objects", type=int, default=12, help="distinct tokens (objects) of the scene")
     p.add_argument("--rtol", type=float, default=1e-3, help="relative tolerance of numerical rank")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--plot", metavar="DIR", help="also write DIR/kv_spectra.png and "
-                   "DIR/output_spectra.png, the singular values behind the tables (needs matplotlib)")
-    p.add_argument("--bench", action="store_true", help="time and memory of every module instead")
-    p.add_argument("--sizes", type=int, nargs="+", default=[197, 785, 3137, 12545],
-                   help="N for --bench (DeiT at 224, 448, 896, 1792 px)")
-    p.add_argument("--batch", type=int, help="batch size for --bench (default: 8, fewer from"
-                   " N = 4097 on: min(8, 32768 // N))")
-    p.add_argument("--repeat", type=int, default=5, help="timed rounds for --bench (median;"
-                   " more where a call is short)")
-    p.add_argument("--profile", type=int, default=0, metavar="N",
-                   help="with --bench: also profile the final module at N tokens")
+    p.add_argument("--plot", metavar="DIR", help="also write DIR/kv_spectra.png and DIR/"
+                   "output_spectra.png, the singular values behind the tables (needs matplotlib)")
     args = p.parse_args(argv)
     if args.plot and os.path.exists(args.plot) and not os.path.isdir(args.plot):
         p.error(f"--plot {args.plot}: exists and is not a directory")
-    return bench(args) if args.bench else show_ranks(args)
+    return show_ranks(args)
 
 
 if __name__ == "__main__":

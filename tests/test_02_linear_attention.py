@@ -3,8 +3,8 @@ import torch
 
 from conftest import assert_close, load, rand
 
-sm = load("01_softmax_attention")
 la = load("02_linear_attention")
+bench = load("tools.bench")  # the memory measurement (a tool)
 
 # Every kernel of the registry is tested: a kernel a student adds to KERNELS runs through the
 # same tests. The kernels of the papers are also written out here, independently of the code.
@@ -96,7 +96,7 @@ def test_linear_memory_at_65536_tokens():
     n = 65536
     q, k, v = (torch.randn(1, 1, n, 16) for _ in range(3))
     out = {}
-    peak = sm.peak_memory(lambda: out.setdefault("y", la.linear_attention(q, k, v)))
+    peak = bench.peak_memory(lambda: out.setdefault("y", la.linear_attention(q, k, v)))
     assert out["y"].shape == (1, 1, n, 16) and torch.isfinite(out["y"]).all()
     assert peak < 64 * 2**20  # a few (N, d) tensors of 4 MiB each
 
@@ -135,13 +135,20 @@ def test_errors():
 
 def test_demo_claims_and_printout(capsys):
     from conftest import run_demo
-    r, out = run_demo(la, ["--sizes", "16", "32", "--repeat", "1"], capsys)
+    r, out = run_demo(la, ["--sizes", "16", "32", "--min-time", "0.01"], capsys)
     assert set(r["fast_vs_n_by_n"]) == set(la.KERNELS)
     for kernel, diff in r["fast_vs_n_by_n"].items():
         assert diff < 1e-12, f"phi(Q) (phi(K)^T V) must equal the N x N form, kernel {kernel!r}: {diff:.1e}"
         assert f"kernel {kernel:10s} max |fast - N x N form| = {diff:.1e}" in out
     assert r["multiply_adds"] == {"N x N form": 2 * 197 * 197 * 32, "linear form": 2 * 197 * 32 * 32}
     assert f"2*N*N*d = {2 * 197 * 197 * 32:,}; linear form 2*N*d*d = {2 * 197 * 32 * 32:,}" in out
+    # the time table: one row per N, the times it returned and their ratio
     rows = [line.split() for line in out.splitlines() if line.strip().split(" ")[0] in ("16", "32")]
-    assert [row[0] for row in rows] == ["16", "32"]
-    assert "Crossover" in out or "not faster at any measured N" in out
+    assert [row[0] for row in rows] == ["16", "32"] and list(r["times_ms"]) == [16, 32]
+    for row, (t_s, t_l) in zip(rows, r["times_ms"].values()):
+        assert row[1:] == ["|", f"{t_s:.2f}", "|", f"{t_l:.2f}", "|", f"{t_s / t_l:.1f}x"]
+    faster = [n for n, (t_s, t_l) in r["times_ms"].items() if t_l < t_s]
+    if faster:
+        assert f"Crossover: linear attention is faster from N = {faster[0]} on" in out
+    else:
+        assert "not faster at any measured N" in out

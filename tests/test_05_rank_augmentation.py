@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 from conftest import assert_close, load, rand
 
-sm = load("01_softmax_attention")
+bench = load("tools.bench")  # the memory measurement (a tool)
 loc = load("04_local_residual")
 inj = load("03_injectivity")
 ra = load("05_rank_augmentation")
@@ -351,8 +351,8 @@ def test_plot_writes_the_spectra(tmp_path, capsys):
 NO_MATPLOTLIB = r"""
 import contextlib, importlib, io, sys
 sys.path.insert(0, sys.argv[1])
-small = {"01_softmax_attention": ["--sizes", "8", "--repeat", "1"],
-         "02_linear_attention": ["--sizes", "8", "--repeat", "1"],
+small = {"01_softmax_attention": ["--sizes", "8", "--min-time", "0.001"],
+         "02_linear_attention": ["--sizes", "8", "--min-time", "0.001"],
          "03_injectivity": ["--tokens", "20", "--dim", "4", "--directions", "2"],
          "04_local_residual": ["--side", "3", "--dim", "4", "--samples", "1"],
          "05_rank_augmentation": ["--tokens", "20", "--head-dim", "4", "--objects", "3"]}
@@ -491,15 +491,12 @@ def test_shifted_local_residual_equals_the_convolution_in_float64(window, N):
 
 
 def test_fast_forward_keeps_no_more_memory_than_it_needs():
-    """Peak extra memory (allocation records, deterministic) against SDPA softmax at N = 785:
-    about 1.0x training and 1.4x inference today. Holding one more N x 3C tensor through the
-    forward (e.g. the qkv GEMM's output after the head split) makes inference 2.0x."""
-    x = torch.randn(2, 785, 192, requires_grad=True)
-    peaks = {}
-    for name in ("softmax", "final"):
-        torch.manual_seed(0)
-        m = ra.ATTENTIONS[name](192, num_heads=6)
-        peaks[name] = (sm.peak_memory(sm.fwd_bwd(m, x)), sm.peak_memory(ra.no_grad(m, x)))
+    """Peak extra memory (allocation records, deterministic; tools/bench.py's measurement)
+    against SDPA softmax at N = 785: about 1.0x training and 1.4x inference today. Holding one
+    more N x 3C tensor through the forward (e.g. the qkv GEMM's output after the head split)
+    makes inference 2.0x."""
+    passes = bench.module_passes(["softmax", "final"], 785, 2, "cpu").values()
+    peaks = {name: [bench.peak_memory(p[name]) for p in passes] for name in ("softmax", "final")}
     train, infer = (peaks["final"][i] / peaks["softmax"][i] for i in (0, 1))
     assert train <= 1.3, f"forward + backward peak {train:.2f}x softmax's (issue goal: 1.3x)"
     assert infer <= 1.6, f"inference peak {infer:.2f}x softmax's (1.4x expected)"
@@ -513,21 +510,3 @@ def test_fast_forward_keeps_the_official_parameters():
     inline = loc.InLineAttention(192, num_heads=6)
     extra = sum(p.numel() for p in m.parameters()) - sum(p.numel() for p in inline.parameters())
     assert extra == 192 * 192 + 192  # the gate Linear only
-
-
-def test_bench_batch_shrinks_only_at_large_n():
-    assert [ra.bench_batch(n) for n in (197, 785, 3137, 12545)] == [8, 8, 8, 2]
-    assert ra.bench_batch(12545, batch=5) == 5
-
-
-def test_bench_prints_every_module_against_softmax(capsys):
-    r = ra.main(["--bench", "--sizes", "17", "--batch", "2", "--repeat", "3"])
-    out = capsys.readouterr().out
-    for title in ("forward + backward", "inference (no grad)"):
-        assert f"N = 17, B = 2, {title}" in out
-        ratio, mem = r["final"][17, title]
-        assert ratio > 0 and mem > 0
-    table = out.split("forward + backward")[1].split("\n\n")[0].splitlines()[2:]
-    assert [line.split("|")[0].strip() for line in table] == list(ra.ATTENTIONS)
-    assert float(table[0].split("|")[2].split()[0]) == 1.0  # softmax against itself
-    assert "The final module / softmax" in out
