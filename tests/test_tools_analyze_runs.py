@@ -1,0 +1,117 @@
+"""tools/analyze.py (the papers' measurements on a trained model) and tools/runs.py (tables and
+plots over runs): known attention patterns give known numbers; the command lines end to end."""
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import ROOT, load, png_size
+
+deit = load("06_train_deit")
+analyze = load("tools.analyze")
+runs = load("tools.runs")
+
+TINY = ["--img-size", "16", "--patch-size", "4", "--embed-dim", "32", "--depth", "2",
+        "--num-heads", "2", "--batch-size", "16", "--demo-train", "64", "--demo-val", "48",
+        "--warmup-epochs", "1"]
+
+
+def small_vit(attn, **kw):
+    return deit.VisionTransformer(**{"img_size": 16, "patch_size": 4, "num_classes": 5,
+                                     "embed_dim": 24, "depth": 2, "num_heads": 2,
+                                     "drop_path_rate": 0.0, **kw}, attn=attn)
+
+
+def test_analyze_measures_known_attention_patterns():
+    torch.manual_seed(0)
+    model = small_vit("softmax", img_size=28, patch_size=4)  # a 7 x 7 grid + class token
+    images = torch.randn(3, 3, 28, 28)
+    with torch.no_grad():  # zero q, k: every softmax row is uniform over the N tokens
+        for blk in model.blocks:
+            blk.attn.qkv.weight[:48].zero_()
+            blk.attn.qkv.bias[:48].zero_()
+    rows = analyze.analyze(model, images, tol=1e-6)
+    assert [r["block"] for r in rows] == [1, 2]
+    for r in rows:
+        for w in analyze.WINDOWS:  # local attention mass (Fig. 4) of uniform rows: the baseline
+            assert r[f"mass_{w}"] == pytest.approx(r[f"uniform_{w}"], rel=1e-9)
+        assert r["uniform_3"] == pytest.approx(sum(  # 3x3 windows clipped at the border / N
+            min(i + 1, 6) - max(i - 1, 0) + 1 for i in range(7)) ** 2 / 49 / 50, rel=1e-9)
+        assert r["confused"] == r["pairs"] == 49 * 48 // 2  # every pair of rows is the same
+        assert r["rank_kv"] == pytest.approx(1.0) and r["rank_kv_max"] == 50  # uniform: rank 1
+    with torch.no_grad():  # q = k = 30 U x, U orthogonal: q_i . k_j is largest at j = i
+        for blk in model.blocks:
+            u = torch.linalg.qr(torch.randn(24, 24))[0]
+            blk.attn.qkv.weight[:24], blk.attn.qkv.weight[24:48] = 30 * u, 30 * u
+    rows = analyze.analyze(model, images, tol=1e-6)
+    assert all(r["mass_3"] > 0.9 and r["mass_3"] / r["uniform_3"] > 5 for r in rows)
+    assert all(r["confused"] < 0.01 * r["pairs"] for r in rows)  # distinct tokens: distinct rows
+
+
+@pytest.mark.parametrize("attn", list(deit.ATTENTIONS))
+def test_analyze_every_attention_on_a_fresh_model(attn):
+    torch.manual_seed(0)
+    model = small_vit(attn)
+    rows = analyze.analyze(model, torch.randn(2, 3, 16, 16))
+    assert len(rows) == 2
+    kv_max = 17 if attn == "softmax" else 12  # N x N weights, or d x d buffers (24 / 2 heads)
+    for r in rows:
+        assert all(0 <= r[f"mass_{w}"] <= 1.0 + 1e-9 or attn in ("injective", "inline", "final")
+                   for w in analyze.WINDOWS)  # InLine's weights may be negative, so its mass
+        assert 0 <= r["confused"] <= r["pairs"] == 16 * 15 // 2
+        assert 1 <= r["rank_kv"] <= r["rank_kv_max"] == kv_max
+        assert 1 <= r["rank_out"] <= r["rank_out_max"] == 24
+    assert all(p.dtype == torch.float32 for p in model.parameters())  # measured in a copy
+
+
+@pytest.fixture(scope="module")
+def two_seeds(tmp_path_factory):
+    root = tmp_path_factory.mktemp("runs")
+    out = [str(root / f"softmax-{s}") for s in (0, 1)] + [str(root / "final-no-gate")]
+    for seed, run in zip((0, 1), out):
+        deit.main(TINY + ["--attn", "softmax", "--epochs", "2", "--seed", str(seed),
+                          "--output", run])
+    deit.main(TINY + ["--no-gate", "--epochs", "1", "--output", out[2]])
+    return out
+
+
+def test_analyze_command_line_reads_each_runs_own_weights(two_seeds, tmp_path, capsys):
+    fig = str(tmp_path / "fig" / "local_mass.png")
+    res = analyze.main([*two_seeds[:2], "--images", "8", "--plot", fig])
+    out = capsys.readouterr().out
+    assert f"softmax ({two_seeds[0]}{os.sep}checkpoint.pth) on 8 held-out images" in out
+    assert "block | 3x3 mass" in out and f"wrote {fig}" in out
+    saved = json.load(open(os.path.join(two_seeds[0], "analysis.json")))
+    assert saved["label"] == "softmax" and saved["images"] == 8
+    assert saved["blocks"] == res[f"softmax ({two_seeds[0]}{os.sep}checkpoint.pth)"]
+    # the two seeds' weights differ, so do their measurements
+    a, b = (json.load(open(os.path.join(r, "analysis.json")))["blocks"] for r in two_seeds[:2])
+    assert a != b
+    assert png_size(fig) == (1200, 360)
+    best = analyze.main([two_seeds[2], "--weights", "best", "--images", "4"])
+    assert list(best)[0].startswith("final-no-gate (") and "best.pth" in list(best)[0]
+
+
+def test_analyze_refuses_what_is_not_a_run(tmp_path):
+    with pytest.raises(SystemExit) as e:
+        analyze.main([str(tmp_path)])
+    assert "checkpoint.pth does not exist" in str(e.value.code)
+
+
+def test_runs_table_groups_seeds_and_plot_draws_every_run(two_seeds, tmp_path, capsys):
+    groups = runs.main(["table", *two_seeds])
+    lines = capsys.readouterr().out.splitlines()
+    top1 = [json.loads(open(os.path.join(r, "log.jsonl")).readlines()[-1])["top1"]
+            for r in two_seeds[:2]]
+    assert list(groups) == ["softmax", "final-no-gate"]  # the course's order, ablations after
+    assert lines[2].startswith(f"| softmax | 2 | {np.mean(top1):.1f} +- "
+                               f"{np.std(top1, ddof=1):.1f} | {min(top1):.1f} - {max(top1):.1f} |")
+    assert lines[3].startswith("| final-no-gate | 1 |") and "+- -" in lines[3]
+    fig = str(tmp_path / "curves.png")
+    runs.main(["plot", *two_seeds, "--out", fig])
+    assert png_size(fig) == (1000, 380)
+    with pytest.raises(SystemExit) as e:
+        runs.main(["table", str(tmp_path)])
+    assert "holds no checkpoint.pth" in str(e.value.code)

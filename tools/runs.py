@@ -1,0 +1,106 @@
+"""Tables and plots over finished runs of step 06.
+
+    python tools/runs.py table runs/demo-*            # markdown: top-1 mean +- std over seeds
+    python tools/runs.py plot runs/demo-* --out figures/training_curves.png
+
+A RUN is an output directory of 06: its checkpoint.pth says which model it trained (attention,
+parts switched off, seed), its log.jsonl has one line per epoch. `table` groups the runs by model
+(the attention and its switched-off parts) and prints, over the seeds of each group, the last
+epoch's held-out top-1 as mean +- sample std (ddof=1), its min - max, the parameter count and the
+mean training images/s. `plot` draws training loss and held-out top-1 against epoch, one line
+per run.
+"""
+import argparse
+import importlib
+import json
+import os
+import sys
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+deit = importlib.import_module("06_train_deit")
+
+
+def read_run(run):
+    """(model label, log records, parameters) of a finished run directory."""
+    path = os.path.join(run, "checkpoint.pth")
+    if not os.path.isfile(path):
+        raise deit.UserError(f"{run} holds no checkpoint.pth: not a run directory of 06")
+    ckpt = deit.read_checkpoint(path)
+    label = deit.model_label(argparse.Namespace(**ckpt["args"]))
+    return label, ckpt["log"], sum(v.numel() for v in ckpt["model"].values())
+
+
+def summarize(runs):
+    """{label: [(last top-1, parameters, mean img/s) per run]}, in the course's order."""
+    groups = {}
+    for run in runs:
+        label, log, params = read_run(run)
+        if not log:
+            raise deit.UserError(f"{run} has not finished an epoch yet")
+        groups.setdefault(label, []).append((log[-1]["top1"], params,
+                                             np.mean([r["images_per_s"] for r in log])))
+    order = list(deit.ATTENTIONS)  # the course's order, then the final module's ablations
+    return dict(sorted(groups.items(), key=lambda kv: (order.index(kv[0].split("-no-")[0]),
+                                                       kv[0])))
+
+
+def table(groups):
+    lines = ["| attention | seeds | held-out top-1 (%), mean +- std | min - max | parameters |"
+             " train img/s |", "|---|---|---|---|---|---|"]
+    for label, rows in groups.items():
+        top1 = np.array([t for t, _, _ in rows])
+        std = f"{top1.std(ddof=1):.1f}" if len(top1) > 1 else "-"
+        lines.append(f"| {label} | {len(rows)} | {top1.mean():.1f} +- {std} | {top1.min():.1f} - "
+                     f"{top1.max():.1f} | {rows[0][1]:,} | {np.mean([s for *_, s in rows]):.0f} |")
+    return lines
+
+
+def plot_curves(runs, path):
+    import matplotlib
+    matplotlib.use("Agg")  # files only, no window
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+    fig, (ax_loss, ax_top1) = plt.subplots(1, 2, figsize=(10, 3.8), dpi=100)
+    for run in runs:
+        with open(os.path.join(run, "log.jsonl")) as f:
+            log = [json.loads(line) for line in f if line.strip()]
+        epochs = [r["epoch"] for r in log]                              # counted from 1
+        ax_loss.plot(epochs, [r["loss"] for r in log], marker=".", label=os.path.basename(run))
+        ax_top1.plot(epochs, [r["top1"] for r in log], marker=".", label=os.path.basename(run))
+    ax_loss.set(xlabel="epoch", ylabel="training loss", title="training loss")
+    ax_top1.set(xlabel="epoch", ylabel="held-out top-1 (%)", title="held-out top-1")
+    for ax in (ax_loss, ax_top1):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))          # whole epochs
+        ax.grid(alpha=0.3)
+    ax_top1.legend(fontsize=8)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("what", choices=["table", "plot"])
+    p.add_argument("runs", nargs="+", metavar="RUN", help="output directories of 06")
+    p.add_argument("--out", default="training_curves.png", help="the figure of `plot`")
+    args = p.parse_args(argv)
+    try:
+        if args.what == "table":
+            groups = summarize(args.runs)
+            print("\n".join(table(groups)))
+            return groups
+        missing = [r for r in args.runs if not os.path.isfile(os.path.join(r, "log.jsonl"))]
+        if missing:
+            raise deit.UserError(f"no log.jsonl in {', '.join(missing)}")
+        plot_curves(args.runs, args.out)
+        print(f"wrote {args.out}")
+    except deit.UserError as e:
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main()
