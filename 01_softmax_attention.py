@@ -7,9 +7,9 @@ value v_j (all d-dimensional, one set per head). Softmax attention mixes the val
     out_i = sum_j w_ij v_j                                           (Vaswani et al., eq. 1)
 
 In matrix form, out = softmax(Q K^T * s) V. The N x N matrix softmax(Q K^T s) is the problem:
-time and memory grow as N^2, so doubling the image side (4x the tokens) costs 16x. A DeiT-T at
-224 px has N = 1 + 14*14 = 197 tokens; at 896 px it has 3137, and the N x N matrices of one layer
-no longer fit in a laptop's cache, and at 1792 px (N = 12545) not in its memory either.
+time and memory grow as N^2, so doubling the image side (4x the tokens) costs 16x. DeiT-T has
+N = 197 tokens at 224 px, 12545 at 1792 px: one layer's weights (3 heads x 12545^2 x 4 B = 1.9 GB)
+fit a laptop, but the explicit form keeps all 12 layers' for backward: 23 GB per image x batch.
 
 This file gives
   softmax_attention_weights(q, k)   the N x N weights, explicitly (the teaching path)
@@ -167,7 +167,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description="Step 01: softmax attention and its O(N^2) cost.")
     p.add_argument("--sizes", type=int, nargs="+", default=[197, 785, 3137],
                    help="sequence lengths N for the cost table (DeiT at 224, 448, 896 px; add "
-                   "12545, 1792 px, for 1.8 GB of weights: about 30 s more, 5.4 GB at the peak)")
+                   "12545, 1792 px, for 1.9 GB of weights: about 30 s more, 5.4 GB at the peak)")
     p.add_argument("--heads", type=int, default=3, help="heads (DeiT-T: 3 of 64 channels)")
     p.add_argument("--head-dim", type=int, default=64)
     p.add_argument("--min-time", type=float, default=0.2,

@@ -10,15 +10,16 @@ sim(q, k) = phi(q) . phi(k), and normalises it the same way:
 
 In matrix form, out = (phi(Q) phi(K)^T) V / (phi(Q) phi(K)^T 1). Matrix products associate, so
 (phi(Q) phi(K)^T) V = phi(Q) (phi(K)^T V): computing the right-hand bracket first costs N d^2
-instead of N^2 d, and the largest intermediate is the d x d matrix phi(K)^T V (the "KV buffer")
-instead of the N x N weights. Time and memory become linear in N.
+instead of N^2 d and forms no N x N matrix. Memory is O(N d): phi(Q), phi(K) and the numerator
+are N x d, the "KV buffer" phi(K)^T V only d x d. Time and memory become linear in N.
 
-The kernels phi of the InLine paper (Han et al., 2024, Table 2 / Table 7):
-  identity  phi(x) = x             (not positive: the denominator can vanish; InLine fixes that)
-  relu      phi(x) = max(x, 0)
+The kernels phi: those of InLine (Han et al., 2024), whose kernel ablations are its Table 2
+(linear attention vs InLine per kernel, Swin-T) and Table 9 (kernels of InLine-Swin-T), and RALA's:
+  identity   phi(x) = x            (not positive: the denominator can vanish; InLine fixes that)
+  relu       phi(x) = max(x, 0)
   leaky_relu phi(x) = max(x, 0.01 x)
-  elu       phi(x) = ELU(x) + 1    (positive; the choice of RALA, step 05)
-  exp       phi(x) = exp(x)
+  exp        phi(x) = exp(0.2 x)   (the official InLine code's exp_kernel, t = 0.2)
+  elu        phi(x) = ELU(x) + 1   (positive; RALA's kernel (step 05), not one of InLine's)
 
 This file gives feature_map, linear_attention (the O(N d^2) form), linear_attention_weights
 (the N x N form, for analysis only) and LinearAttention, the module. Run it to see the two
@@ -36,8 +37,8 @@ KERNELS = {
     "identity": lambda x: x,
     "relu": F.relu,
     "leaky_relu": lambda x: F.leaky_relu(x, 0.01),
+    "exp": lambda x: torch.exp(0.2 * x),  # exp_kernel(x, t=0.2) of the official InLine code
     "elu": lambda x: F.elu(x) + 1.0,
-    "exp": torch.exp,
 }
 
 
@@ -129,8 +130,7 @@ def associativity(n=197, d=32, seed=0):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Step 02: linear attention and the associativity "
-                                            "trick, against softmax attention.")
+    p = argparse.ArgumentParser(description="Step 02: linear attention, the associativity trick.")
     p.add_argument("--sizes", type=int, nargs="+",
                    default=[49, 98, 197, 392, 785, 1568, 3137, 12545],
                    help="sequence lengths N for the cost table")

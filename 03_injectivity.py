@@ -3,38 +3,41 @@
 Fix the keys K. An attention function maps a query q to a distribution over the N keys,
 w(q) = (w_1, ..., w_N). InLine (Han et al., NeurIPS 2024, Sec. 4) asks whether that map is
 *injective*: do different queries always get different distributions? If not, two tokens that
-mean different things attend identically ("semantic confusion", the paper's Fig. 2).
+mean different things attend identically ("semantic confusion", the paper's Fig. 2). It proves
+softmax and InLine attention injective, linear attention not, each under a condition (derived here):
 
-Softmax is injective: w_j(q) = exp(q.k_j s) / Z, so log w_j - log w_1 = s q.(k_j - k_1), and for
-keys that span the space this recovers q. Scaling q sharpens or flattens the distribution.
+Softmax is injective iff rank([K, 1]) = d + 1. As log w_j - log w_1 = s q.(k_j - k_1), w(q) fixes
+q exactly when the differences k_j - k_1 span R^d, which is that condition. Keys that span R^d are
+not enough: keys (1, 0), (0, 1) give q = (1, 1) and (2, 2) the same [0.5, 0.5], since adding
+t (1, 1) to q adds t to every logit, which softmax ignores.
 
-Linear attention is not: w_j(q) = phi(q).phi(k_j) / sum_t phi(q).phi(k_t) is unchanged when
-phi(q) is multiplied by any c > 0. So
+Linear attention is not injective (under mild assumptions on phi, e.g. continuity): w_j(q) =
+phi(q).phi(k_j) / sum_t phi(q).phi(k_t) is unchanged when phi(q) is multiplied by any c > 0. So
   - with phi = ReLU, q and c*q (c > 0) get the *same* weights, and so do any two queries that
-    differ only in coordinates ReLU sets to 0;
+    differ only in coordinates ReLU sets to 0; with phi = exp, q and q + t (1, ..., 1);
   - with phi(x) = ReLU(A x + b), distinct non-collinear queries q and
     q' = A^{-1}(c (A q + b) - b) collide too, since phi(q') = c phi(q).
 
-InLine attention (the paper's eq. 5) drops the division and re-centres instead:
+InLine attention (the paper's eq. 5, there with s = 1) drops the division and re-centres instead:
 
     w_ij = s * (phi(q_i).phi(k_j) - mean_t phi(q_i).phi(k_t)) + 1/N
 
 The rows still sum to 1 (the bracket sums to 0 over j), but w(q) is now an affine function of
-phi(q), which is injective whenever the centred keys phi(k_j) - mean phi(k) span the space (for
-the identity kernel, N - 1 >= d generic keys). The weights can be negative. Since
+phi(q): injective if phi is and rank([phi(K), 1]) = d + 1 (identity kernel: iff; N - 1 >= d
+generic keys do, the keys (1, 0), (0, 1) do not, as for softmax). The weights can be negative. As
 mean_t phi(q_i).phi(k_t) = phi(q_i) . mean_t phi(k_t), eq. 5 is linear attention on *centred* keys,
 without the division, plus the uniform 1/N; the output is still linear in N:
 
     out_i = s * phi(q_i)^T (sum_j (phi(k_j) - mean_t phi(k_t)) v_j^T) + mean_j v_j
 
-The module uses the identity kernel and s = head_dim**-0.5 / N, as the official code does (the
-1/N keeps the weights of order 1/N for any N). `InjectiveLinearAttention` is InLine without the
-local residual of step 04.
+The module uses the identity kernel and s = head_dim**-0.5 / N, the official code's scale (its
+comment: eq. 5 omits it, as it equals scaling phi(q)); the 1/N keeps the weights of order 1/N for
+any N. `InjectiveLinearAttention` is InLine without the local residual of step 04. The paper's
+ablation of this step is its Table 2 (Swin-T: linear attention vs InLine, for four kernels).
 
-Run it to see the collisions, a confusion count in the spirit of the paper's Fig. 3, and that
+Run it to see the collisions, a confusion count in the spirit of the paper's Fig. 2, and that
 InLine's weights sum to 1, can be negative, and that its linear-time form equals the N x N form.
-`--plot DIR` also draws the paper's Fig. 1 (four keys and four queries in 2-D, and the weights
-softmax, linear and InLine attention give them) to DIR/fig1_injectivity.png.
+`--plot DIR` also redraws the idea of the paper's Fig. 1 (own keys) to DIR/fig1_injectivity.png.
 """
 import argparse
 import importlib
@@ -109,8 +112,7 @@ def weights_of(name, q, k):
     elif family == "inline":  # with the module's scale
         w = inline_attention_weights(q, k, kernel=kernel, scale=d ** -0.5 / n)
     else:
-        raise ValueError(f"unknown attention {name!r}: expected softmax, linear-<kernel> "
-                         f"or inline-<kernel>")
+        raise ValueError(f"unknown attention {name!r}: expected softmax, linear-<k>, inline-<k>")
     return w[0, 0]
 
 
@@ -124,8 +126,7 @@ def collisions(k, generator):
     """The numbers of the demo's first table, for keys k (N, d): max |w(q) - w(q')| for q vs 2q and
     q vs q_neg (q's negative coordinates x5) per attention, and for the kernel ReLU(A x + b) a pair
     of non-collinear queries with phi(q') = 2 phi(q)."""
-    n, d = k.shape
-    dt = k.dtype
+    d, dt = k.shape[-1], k.dtype
     q = torch.randn(1, d, generator=generator, dtype=dt)
     q_neg = q.clone()
     q_neg[q_neg < 0] *= 5.0   # change only the coordinates ReLU zeroes
@@ -176,7 +177,7 @@ def inline_properties(k, generator):
 
 
 # ----------------------------------------------------------------------------------------------
-# the paper's Fig. 1: four keys and four queries in 2-D
+# the idea of the paper's Fig. 1, with keys of its own: four keys and four queries in 2-D
 
 
 FIG1_KEYS = [[1.0, -0.5], [0.0, 1.0], [1.0, 1.0], [-1.0, 0.5]]
@@ -184,7 +185,7 @@ FIG1_LENGTHS = [0.5, 1.0, 2.0, 4.0]  # c_i: the queries are c_i q (a) or A^-1(c_
 
 
 def figure1():
-    """The weights of the paper's Fig. 1 example, in 2-D with 4 keys. (a) phi = ReLU and the
+    """The weights of the Fig. 1 example (the paper's idea, own keys), 2-D, 4 keys. (a) ReLU, the
     collinear queries q_i = c_i q; (b) phi(x) = ReLU(A x + b) and the non-collinear queries
     q_i = A^-1(c_i (A q + b) - b), so that phi(q_i) = c_i phi(q). For each: the (4, 4) weights of
     softmax (no kernel), linear attention and InLine (eq. 5, the module's s = d^-0.5 / N), both
@@ -239,8 +240,7 @@ def plot_figure1(fig1, path):
         ax.axhline(0, color="0.85", lw=0.8, zorder=0)
         ax.axvline(0, color="0.85", lw=0.8, zorder=0)
         ax.legend(fontsize=8, loc="upper left")
-        kind = ("q_i = c_i q: collinear" if key == "a"
-                else "q_i = A^-1(c_i(Aq + b) - b): not collinear")
+        kind = "q_i = c_i q: collinear" if key == "a" else "q_i = A^-1(c_i(Aq+b)-b): not collinear"
         ax.set_title(f"({key}) phi(x) = {setting['kernel']}\n{kind}", fontsize=10)
         maps = setting["weights"]
         lo = min(float(w.min()) for w in maps.values())
@@ -262,7 +262,7 @@ def plot_figure1(fig1, path):
             verdict = "rows identical: confused" if spread < 1e-9 else "rows distinct"
             ax.set_title(f"{name}{phi}\n{verdict} (max diff {spread:.2f})", fontsize=10)
         fig.colorbar(im, ax=axes[row, 1:].tolist(), shrink=0.9, label="attention weight w_ij")
-    fig.suptitle("InLine's Fig. 1: linear attention gives different queries the same weights;"
+    fig.suptitle("InLine Fig. 1's idea: linear attention gives different queries the same weights;"
                  " softmax and InLine (eq. 5) do not.\nEach row of a map is one query's weights"
                  " over the 4 keys (it sums to 1; InLine's can be negative).", fontsize=11)
     save_png(fig, path)
@@ -283,16 +283,14 @@ NAMES = ["softmax", "linear-relu", "linear-identity", "inline-identity", "inline
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Step 03: injectivity of softmax, linear and "
-                                            "InLine attention.")
+    p = argparse.ArgumentParser(description="Step 03: injectivity of softmax, linear, InLine.")
     p.add_argument("--tokens", type=int, default=197, help="number of keys N")
     p.add_argument("--dim", type=int, default=32, help="head dimension d")
     p.add_argument("--directions", type=int, default=64, help="query directions (confusion count)")
     p.add_argument("--tol", type=float, default=1e-3, help="L1 distance below which two "
                    "attention distributions count as the same (the rows sum to 1)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--plot", metavar="DIR", help="also write the paper's Fig. 1 as "
-                   "DIR/fig1_injectivity.png (needs matplotlib)")
+    p.add_argument("--plot", metavar="DIR", help="also draw DIR/fig1_injectivity.png (matplotlib)")
     args = p.parse_args(argv)
     if args.plot and os.path.exists(args.plot) and not os.path.isdir(args.plot):
         p.error(f"--plot {args.plot}: exists and is not a directory")
@@ -314,7 +312,7 @@ def main(argv=None):
           f" softmax: {ab['softmax']:.2e}")
 
     conf = confusion_counts(k, args.directions, args.tol, g)
-    print(f"\nConfusion count (in the spirit of Fig. 3): {conf['queries']} distinct queries ="
+    print(f"\nConfusion count (in the spirit of Fig. 2): {conf['queries']} distinct queries ="
           f" {args.directions} directions x lengths {conf['lengths']};\n   pairs of them whose"
           f" attention distributions are the same (L1 distance < {args.tol:g}), of"
           f" {conf['pairs']} pairs:")

@@ -18,16 +18,16 @@ attention output. For patch token i at grid position p(i), per channel c:
 a depthwise w x w convolution over the value map (window w = 3 in the paper and the official
 code), whose kernel r is *predicted per sample* from the mean token: r = residual(mean_i x_i), with
     residual = Sequential(Conv1d(C, C, 1, groups=heads), GELU(), Conv1d(C, w*w*C, 1, groups=heads)).
-The class token (if any) is left out of the convolution and gets no residual. This is the official
-InLine module (same parameter names: `qkv`, `proj`, `residual.0`, `residual.2`); with 6 heads and
-window=3, InLine-DeiT-T has 6,477,736 parameters.
+The class token (if any) is left out of the convolution and gets no residual; the module reads the
+grid from N (N = H*W, or 1 + H*W with a class token first, H = W). This is the official InLine
+module (same parameter names: `qkv`, `proj`, `residual.0`, `residual.2`); with 6 heads and
+window=3, InLine-DeiT-T has 6,477,736 parameters. The paper ablates this step in its Table 3
+(InLine-Swin-T: attention windows 7^2 to 56^2, each with and without the local residual); on
+DeiT-T, whose attention is global, that is 06's `--attn injective` against `--attn inline`.
 
-The module reads the grid from N: N = H*W, or N = 1 + H*W with a class token first, H = W.
-
-Run it to see the local attention mass of softmax, linear and InLine attention on token maps
-whose neighbours are alike (as an image's are), and the parameter count of InLine-DeiT-T.
-`--plot DIR` also draws one query's attention map for each (DIR/attention_maps.png) and the
-table as bars (DIR/local_mass.png).
+Run it to see the local attention mass of softmax, linear and InLine attention on token maps whose
+neighbours are alike (as an image's are), and InLine-DeiT-T's parameter count. `--plot DIR` also
+draws one query's attention maps (DIR/attention_maps.png), the table as bars (DIR/local_mass.png).
 """
 import argparse
 import importlib
@@ -69,7 +69,8 @@ def local_attention_mass(weights, window=3):
         raise ValueError(f"expected (..., N, N) weights, got shape {tuple(weights.shape)}")
     side, cls = grid_size(weights.shape[-1])
     w = weights[..., cls:, cls:]                                   # (..., P, P) patch x patch
-    rows, cols = torch.arange(side).repeat_interleave(side), torch.arange(side).repeat(side)
+    idx = torch.arange(side, device=w.device)                     # on the weights' device
+    rows, cols = torch.cartesian_prod(idx, idx).unbind(1)         # (P,) each patch's row, column
     near = ((rows[:, None] - rows[None, :]).abs() <= window // 2) & \
            ((cols[:, None] - cols[None, :]).abs() <= window // 2)  # (P, P) neighbourhood mask
     return (w * near.to(w.dtype)).sum(dim=-1)                      # (..., P)
@@ -165,9 +166,8 @@ def inline_parameters(seed=0):
     with torch.no_grad():
         r, y = inl.residual(x.mean(dim=1)[:, :, None]), inl(x)
     return {"extra": extra, "residual.0": sum(p.numel() for p in inl.residual[0].parameters()),
-            "residual.2": sum(p.numel() for p in inl.residual[2].parameters()),
-            "deit_t": 5_717_416 + 12 * extra, "x": tuple(x.shape), "kernels": tuple(r.shape),
-            "out": tuple(y.shape)}
+            "residual.2": sum(p.numel() for p in inl.residual[2].parameters()), "x": tuple(x.shape),
+            "deit_t": 5_717_416 + 12 * extra, "kernels": tuple(r.shape), "out": tuple(y.shape)}
 
 
 def query_maps(side=14, dim=32, blur=4, seed=0, query=None, names=NAMES):
@@ -208,8 +208,7 @@ def plot_attention_maps(qm, path):
     side = qm["maps"][names[0]].shape[0]
     fig.suptitle(f"Attention weights of one query (+, its 3x3 window outlined) over a {side}x{side}"
                  f" token map whose neighbours are alike (q = k = tokens);\neach panel has its own"
-                 f" colour scale: softmax is local, the kernel forms spread their weight",
-                 fontsize=10)
+                 " colour scale: softmax is local, the kernel forms spread theirs", fontsize=10)
     injective.save_png(fig, path)
     return fig
 
@@ -233,8 +232,7 @@ def plot_local_mass(table, path):
         ax.set_xticks(range(len(rows)), [row["attention"] for row in rows])
         ax.set(xlim=(-0.5, len(rows) - 0.5), ylim=(0, 1), ylabel="local attention mass",
                xlabel="attention weights (inline: eq. 5, without its local residual)")
-        what = ("plain noise, no spatial structure" if blur == 0
-                else "neighbours alike, as in an image")
+        what = "plain noise, no spatial structure" if blur == 0 else "neighbours alike, image-like"
         ax.set_title(f"blur {blur}: {what}", fontsize=10)
     axes[0].legend(fontsize=8, loc="upper right", title="dashed: uniform k*k/N", title_fontsize=8)
     fig.suptitle("Share of a patch query's attention in its k x k neighbourhood (InLine Fig. 4's"
@@ -249,8 +247,7 @@ def main(argv=None):
     p.add_argument("--dim", type=int, default=32, help="head dimension d")
     p.add_argument("--samples", type=int, default=8, help="random token maps to average over")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--plot", metavar="DIR", help="also write DIR/attention_maps.png and "
-                   "DIR/local_mass.png (needs matplotlib)")
+    p.add_argument("--plot", metavar="DIR", help="also draw DIR/{attention_maps,local_mass}.png")
     args = p.parse_args(argv)
     if args.plot and os.path.exists(args.plot) and not os.path.isdir(args.plot):
         p.error(f"--plot {args.plot}: exists and is not a directory")
@@ -265,11 +262,10 @@ def main(argv=None):
           f" plain noise, no spatial structure. 'self': weight on the query's own token.")
     print(f"   {'attention':16s} {'blur':>4} | {'self':>5} | "
           + " | ".join(f"{win}x{win} mass (x uniform)" for win in WINDOWS))
-    for row in table["rows"]:
-        masses = row["mass"]
-        print(f"   {row['attention']:16s} {row['blur']:>4} | {row['self']:>5.3f} | " + " | ".join(
-            f"{m:>8.3f} (x{m / table['uniform'][win]:>5.1f}) " for win, m in masses.items()))
     u = table["uniform"]
+    for row in table["rows"]:
+        print(f"   {row['attention']:16s} {row['blur']:>4} | {row['self']:>5.3f} | " + " | ".join(
+            f"{m:>8.3f} (x{m / u[win]:>5.1f}) " for win, m in row["mass"].items()))
     print(f"   uniform baseline k*k/N: 3x3 {u[3]:.3f}, 5x5 {u[5]:.3f}, 7x7 {u[7]:.3f}"
           f" (a little less at the border)."
           "\n   Softmax's exp() turns 'my neighbours look like me' into most of the mass; the"
@@ -279,9 +275,8 @@ def main(argv=None):
 
     par = inline_parameters(args.seed)
     print(f"\nInLineAttention(192, 6 heads) adds {par['extra']:,} parameters per block (residual.0:"
-          f" {par['residual.0']:,}, residual.2: {par['residual.2']:,});"
-          f"\n   DeiT-T 5,717,416 + 12 x {par['extra']:,} = {par['deit_t']:,} parameters"
-          f" (InLine-DeiT-T: 6,477,736).")
+          f" {par['residual.0']:,}, residual.2: {par['residual.2']:,});\n   DeiT-T 5,717,416 + 12 x"
+          f" {par['extra']:,} = {par['deit_t']:,} parameters (InLine-DeiT-T: 6,477,736).")
     print(f"   For x of shape {par['x']} the residual branch predicts {par['kernels']}:"
           f" one 3x3 kernel per sample and channel; out {par['out']}.")
     out = {"table": table, "parameters": par}

@@ -1,24 +1,28 @@
 """Step 05 - rank augmentation: RALA, and the final module (InLine + RALA's rank augmentations).
 
-RALA (Fan et al., CVPR 2025, Sec. 3) looks at linear attention from the side of its ranks. Per
-head, everything linear attention knows about the N keys and values is squeezed into the d x d
-*KV buffer*
+RALA (Fan et al., CVPR 2025) looks at linear attention from the side of its ranks. Per head,
+everything linear attention knows about the N keys and values is squeezed into the d x d
+*KV buffer*, of rank <= d (d = 32 in the course's DeiT-T and the tables below, so a head's rank here
+is capped at 32; RAVLT has 64 per head, up to 96 in -B, -L: rerun the tables with `--head-dim 64`)
 
-    KV = sum_j phi(k_j) v_j^T                        (rank <= d, and in practice far lower)
+    KV = sum_j phi(k_j) v_j^T = N mean(phi(k)) mean(v)^T + sum_j (phi(k_j) - mean phi(k)) v_j^T
 
-and every output row is phi(q_i)^T KV / z_i, so the N x d output matrix has rank <= rank(KV). With
-a positive kernel all phi(k_j) share a large common component, so KV is dominated by one direction
-(mean phi(k)) (sum v)^T: its *effective* rank is low, and so is the outputs'. Softmax attention
-has no such bottleneck: softmax(Q K^T) is N x N and (numerically) full rank. RALA raises the rank
-twice (the paper's Fig. 3 and eqs. 7-9):
+and every output row is phi(q_i)^T KV / z_i, so the N x d output has rank <= rank(KV). A positive
+kernel gives all phi(k_j) a large common part; where the values share a large mean too (tokens
+alike), the rank-1 first term dominates and KV's *effective* rank falls towards 1 (table 1 below,
+background scene: 1.26 of 32), with zero-mean values not (random tokens: 18.64). The outputs fall
+further, the phi(q_i) sharing a common part too (table 2, random tokens: ELU+1 3.82, softmax
+26.09). Softmax has the same cap, an N x d output (background: 3.60), and its N x N weights are
+not numerically full rank when the logits are small. RALA raises the rank twice (its Fig. 6):
 
   1. KV buffer: re-weight each token by how much the (mean) query cares about it,
          alpha_j = N * softmax_j( s * mean_i(phi(q_i)) . phi(k_j) )      (sum_j alpha_j = N)
          KV = sum_j alpha_j phi(k_j) v_j^T
-     so the buffer is no longer an equal-weight average dominated by the common direction;
+     so the buffer is no longer an equal-weight sum dominated by the common part (table 1,
+     background scene: 1.26 -> 4.91; on random tokens alpha lowers it, 18.64 -> 15.17);
   2. output: multiply the output element-wise by a gate o = x W_o computed from the input token,
-     out = proj((attention + lepe) * o): a Hadamard product can have rank up to the product of
-     the ranks, so every token's output escapes the d-dimensional span of KV.
+     out = proj((attention + lepe) * o). rank(A * B) <= rank(A) rank(B), but a head's output
+     stays N x d: the gate can lift its rank up to d, not beyond (table 3: gate off vs final).
 
 rala_attention(q, k, v), with phi = ELU + 1, computes (as the official code does, eps on the mean)
 
@@ -28,8 +32,9 @@ and RALAttention is the official RALA block attention for (B, N, C) tokens: one 
 (q, k, v, gate o in that order), `lepe` (a 5x5 depthwise convolution on the value map of the patch
 tokens), `proj`. No RoPE: DeiT has absolute position embeddings.
 
-The final module, RankAugmentedInLineAttention, composes InLine (step 04: injective weights and
-the local residual) with both rank augmentations:
+The final module, RankAugmentedInLineAttention, is this course's own combination: neither paper
+proposes or evaluates it. It composes InLine (step 04: injective weights and the local residual)
+with both rank augmentations:
 
     w_ij = s * (phi(q_i).alpha_j phi(k_j) - mean_t phi(q_i).alpha_t phi(k_t)) + 1/N
     out  = proj((sum_j w_ij v_j + local_residual) * gate(x))
@@ -37,12 +42,15 @@ the local residual) with both rank augmentations:
 InLine's rows still sum to 1 whatever alpha is: the bracket is a similarity minus its own mean
 over j, so it sums to 0 over j for *any* positive re-weighting of the keys, and the 1/N terms sum
 to 1. (RALA needs its division for that; InLine never divides, so re-weighting cannot break the
-normalisation or make a denominator vanish.) Each part is a constructor flag; with
-reweight=False, gate=False it computes exactly what InLineAttention computes.
+normalisation or make a denominator vanish.) Each part is a constructor flag: reweight=False,
+gate=False computes exactly what InLineAttention (InLine's module) computes; RALA's module is
+RALAttention; reweight and gate repeat RALA's ablation of its two augmentations, on InLine (06:
+--no-reweight, --no-gate). The papers' headline models are hybrids (RAVLT: softmax in its last
+two stages; InLine-Swin, -CSwin: in later stages); the course's DeiT-T runs (06: one attention in
+all blocks) compare with InLine-DeiT-T, InLine in every block: 74.5% top-1 in the InLine paper.
 
-Run it for the rank tables. `--plot DIR` also draws the singular values behind the tables: the
-KV buffers, plain and re-weighted (DIR/kv_spectra.png), and each module's output
-(DIR/output_spectra.png). The speed and memory of every module: `python tools/bench.py modules`.
+Run it for the rank tables; `--plot DIR` also draws the singular values behind them (DIR/
+kv_spectra.png, DIR/output_spectra.png). Speed and memory: `python tools/bench.py modules`.
 """
 import argparse
 import importlib
@@ -121,8 +129,7 @@ class RALAttention(nn.Module):
         super().__init__()
         softmax.check_heads(dim, num_heads)
         if attn_drop:
-            raise ValueError(f"attn_drop={attn_drop}: RALA never forms the N x N weights; "
-                             f"use attn_drop=0")
+            raise ValueError(f"attn_drop={attn_drop}: RALA never forms the N x N weights; use 0")
         self.dim, self.num_heads, self.head_dim = dim, num_heads, dim // num_heads
         self.scale = self.head_dim ** -0.5
         self.qkvo = nn.Linear(dim, 4 * dim, bias=qkv_bias)
@@ -203,6 +210,8 @@ class ReweightedInLineCore(torch.autograd.Function):
     output (B*H, N, d)."""
 
     @staticmethod
+    @torch.amp.custom_fwd(device_type="cuda", cast_inputs=torch.float32)  # in float32 under the
+    @torch.amp.custom_fwd(device_type="cpu", cast_inputs=torch.float32)   # autocast of each device
     def forward(ctx, q, k, v, q_mean, v_mean, s, local=None):
         n = q.shape[-2]
         alpha = n * torch.softmax(s * (k * q_mean).sum(-1, keepdim=True), dim=-2)  # (B, H, N, 1)
@@ -215,6 +224,8 @@ class ReweightedInLineCore(torch.autograd.Function):
         return out
 
     @staticmethod
+    @torch.amp.custom_bwd(device_type="cuda")  # the backward: with the forward's autocast state
+    @torch.amp.custom_bwd(device_type="cpu")
     @torch.autograd.function.once_differentiable
     def backward(ctx, g):
         q, k, v, q_mean, v_mean, alpha, kv = ctx.saved_tensors
@@ -492,8 +503,7 @@ def plot_kv_spectra(kv, rtol, path):
     d = len(next(iter(kv.values()))["plain"]["singular_values"])
     return plot_spectra(panels, rtol, f"Singular values of one head's d x d KV buffer (phi = ELU"
                         f" + 1, d = {d}): alpha re-weighting spreads the spectrum where many tokens"
-                        f" look alike,\nnot on random tokens (effective rank: exp of the entropy"
-                        f" of the normalised singular values)", path)
+                        " look alike,\nnot on random tokens (eff.: exp of their entropy)", path)
 
 
 def plot_output_spectra(mods, rtol, path):
@@ -532,12 +542,11 @@ def show_ranks(args):
     mods = module_output_ranks(x, args.seed, rtol)
     for name, r in mods.items():
         print(f"   {name:20s} {ranks(r)}")
-    print("   Linear attention's buffer and outputs collapse towards one direction when many"
-          "\n   tokens look alike; alpha re-weighting lifts the buffer and RALA's output there, and"
-          "\n   the gate and the local terms lift a module's output rank, before any training. On"
-          "\n   random tokens (no redundancy) alpha concentrates the buffer on fewer tokens and"
-          "\n   lowers its effective rank: what it gains depends on the scene, and in a model on"
-          "\n   what training teaches q, k.")
+    print("   1) The plain buffer collapses towards rank 1 where tokens (so values) are alike,"
+          "\n   not on zero-mean random tokens; alpha lifts it there and lowers it on random ones."
+          "\n   2) Every output is N x d, softmax's too; ELU+1's phi(q_i) share a common part, so"
+          "\n   its outputs collapse even on random tokens. 3) Before any training the gate and the"
+          "\n   local terms lift a module's output rank; re-weighting barely moves it (alpha ~ 1).")
     out = {"kv_buffer": kv, "head_outputs": heads, "module_outputs": mods}
     if args.plot:
         os.makedirs(args.plot, exist_ok=True)
@@ -549,15 +558,13 @@ def show_ranks(args):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Step 05: rank of linear attention, RALA, and the "
-                                            "final module (speed and memory: tools/bench.py).")
+    p = argparse.ArgumentParser(description="Step 05: rank, RALA and the final module.")
     p.add_argument("--tokens", type=int, default=197, help="N for the rank tables")
     p.add_argument("--head-dim", type=int, default=32, help="d for the rank tables")
     p.add_argument("--objects", type=int, default=12, help="distinct tokens (objects) of the scene")
     p.add_argument("--rtol", type=float, default=1e-3, help="relative tolerance of numerical rank")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--plot", metavar="DIR", help="also write DIR/kv_spectra.png and DIR/"
-                   "output_spectra.png, the singular values behind the tables (needs matplotlib)")
+    p.add_argument("--plot", metavar="DIR", help="also draw DIR/{kv,output}_spectra.png")
     args = p.parse_args(argv)
     if args.plot and os.path.exists(args.plot) and not os.path.isdir(args.plot):
         p.error(f"--plot {args.plot}: exists and is not a directory")

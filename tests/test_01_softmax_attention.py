@@ -134,6 +134,14 @@ print("ok")
 """
 
 
+def test_docstring_memory_figures():
+    # DeiT-T (patch 16, a class token, 3 heads, 12 layers), float32 weights: what fits and what not
+    assert 1 + (224 // 16) ** 2 == 197 and 1 + (1792 // 16) ** 2 == 12545
+    one_layer = 3 * 12545 ** 2 * 4 / 1e9
+    assert f"3 heads x 12545^2 x 4 B = {one_layer:.1f} GB" in sm.__doc__
+    assert f"all 12 layers' for backward: {12 * one_layer:.0f} GB per image" in sm.__doc__
+
+
 def test_importing_the_steps_changes_no_process_wide_state():
     import os
     import subprocess

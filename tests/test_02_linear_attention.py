@@ -14,8 +14,8 @@ PHI = {
     "identity": lambda x: x,
     "relu": lambda x: torch.where(x > 0, x, torch.zeros_like(x)),
     "leaky_relu": lambda x: torch.where(x > 0, x, 0.01 * x),
-    "elu": lambda x: torch.where(x > 0, x + 1, torch.exp(x)),  # ELU(x) + 1
-    "exp": lambda x: torch.exp(x),
+    "elu": lambda x: torch.where(x > 0, x + 1, torch.exp(x)),  # ELU(x) + 1, RALA's kernel
+    "exp": lambda x: torch.exp(0.2 * x),  # exp_kernel(x, t=0.2) in the official InLine code
 }
 LINEAR = ("linear attention (step 02): w_ij = phi(q_i).phi(k_j) / (sum_t phi(q_i).phi(k_t) + eps),"
           " out_i = sum_j w_ij v_j")

@@ -3,6 +3,7 @@ import torch
 
 from conftest import assert_close, load, rand
 
+sm = load("01_softmax_attention")
 la = load("02_linear_attention")
 inj = load("03_injectivity")
 
@@ -83,6 +84,65 @@ def test_inline_is_injective_on_random_queries():
     kc = (k - k.mean(-2, keepdim=True))[0, 0]                     # (40, 8)
     q_back = torch.linalg.lstsq(kc, ((w - 1 / 40) / 0.1).T).solution.T
     assert torch.allclose(q_back, q[0, 0], atol=1e-10)
+
+
+# ----------------------------------------------------------------------------------------------
+# the paper's three propositions on injectivity, one case each, with the conditions step 03 states
+
+SPAN_ONLY = [[1.0, 0.0], [0.0, 1.0]]               # span R^2, but rank([K, 1]) = 2 < d + 1
+WITH_ONES = [[1.0, 0.0], [0.0, 1.0], [0.0, 0.0]]   # rank([K, 1]) = 3 = d + 1
+
+
+def keys(rows):
+    k = torch.tensor(rows, dtype=torch.float64)
+    ones = torch.ones(len(rows), 1, dtype=torch.float64)
+    return k[None, None], int(torch.linalg.matrix_rank(torch.cat([k, ones], dim=1)))
+
+
+def test_softmax_is_injective_exactly_under_the_rank_condition_on_keys_and_ones():
+    q = torch.tensor([[[[1.0, 1.0], [2.0, 2.0]]]], dtype=torch.float64)   # q and 2q, not equal
+    k, rank = keys(SPAN_ONLY)
+    assert rank == 2
+    w = sm.softmax_attention_weights(q, k)[0, 0]
+    # the logits move by the same amount for every key, which softmax ignores: confusion
+    assert torch.allclose(w, torch.full((2, 2), 0.5, dtype=torch.float64), atol=1e-15)
+    k, rank = keys(WITH_ONES)
+    assert rank == 3
+    w = sm.softmax_attention_weights(q, k)[0, 0]
+    assert (w[0] - w[1]).abs().max() > 0.05
+    # and q is recovered from its weights: log w_j - log w_1 = s q.(k_j - k_1), k_j - k_1 span R^2
+    qs = rand(1, 1, 6, 2, seed=20)
+    logw = sm.softmax_attention_weights(qs, k)[0, 0].log()           # (6, 3)
+    diffs = (k[0, 0, 1:] - k[0, 0, :1]) * 2 ** -0.5                  # s (k_j - k_1), (2, 2)
+    q_back = torch.linalg.solve(diffs, (logw[:, 1:] - logw[:, :1]).T).T
+    assert torch.allclose(q_back, qs[0, 0], atol=1e-12)
+
+
+def test_linear_attention_is_not_injective_for_a_kernel_that_is_not_homogeneous():
+    # phi = exp (official: exp(0.2 x)) is no ReLU: yet phi(q + t 1) = e^(0.2 t) phi(q), a
+    # multiple of phi(q), which the division cancels: q and q + t (1, ..., 1) collide
+    k = rand(1, 1, 30, 6, seed=21)
+    q = rand(1, 1, 1, 6, seed=22)
+    qs = torch.cat([q, q + 1.0, q - 3.0], dim=2)                     # (1, 1, 3, 6), distinct
+    w = la.linear_attention_weights(qs, k, "exp", eps=0.0)[0, 0]
+    assert torch.allclose(w[0], w[1], atol=1e-15) and torch.allclose(w[0], w[2], atol=1e-15)
+    assert (sm.softmax_attention_weights(qs, k)[0, 0].diff(dim=0).abs().max()) > 1e-3
+
+
+def test_inline_is_injective_exactly_under_the_rank_condition():
+    q = torch.tensor([[[[1.0, 1.0], [2.0, 2.0]]]], dtype=torch.float64)
+    k, _ = keys(SPAN_ONLY)   # the centred keys (0.5, -0.5), (-0.5, 0.5) span only a line
+    w = inj.inline_attention_weights(q, k, "identity", scale=0.3)[0, 0]
+    assert torch.allclose(w, torch.full((2, 2), 0.5, dtype=torch.float64), atol=1e-15)
+    k, _ = keys(WITH_ONES)   # the centred keys span R^2: q is recovered from its weights
+    w = inj.inline_attention_weights(q, k, "identity", scale=0.3)[0, 0]
+    kc = (k - k.mean(-2, keepdim=True))[0, 0]                        # (3, 2)
+    q_back = torch.linalg.lstsq(kc, ((w - 1 / 3) / 0.3).T).solution.T
+    assert torch.allclose(q_back, q[0, 0], atol=1e-12)
+    # phi itself must be injective too: ReLU forgets negative coordinates, and so does InLine-relu
+    qn = torch.tensor([[[[1.0, -1.0], [1.0, -5.0]]]], dtype=torch.float64)
+    w = inj.inline_attention_weights(qn, k, "relu", scale=0.3)[0, 0]
+    assert torch.allclose(w[0], w[1], atol=1e-15)
 
 
 def test_module_formula_and_scale():

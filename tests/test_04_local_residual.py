@@ -48,6 +48,37 @@ def test_local_mass_errors():
         loc.local_attention_mass(torch.ones(9, 10), 3)
 
 
+# Every helper of steps 01-04 makes its tensors on its input's device (and in its dtype). Meta
+# tensors have a device and no data: a helper that builds, say, a mask on the CPU and combines it
+# with CUDA (here: meta) weights stops with a device mismatch, as it would on a GPU.
+la = load("02_linear_attention")
+HELPERS = {
+    "softmax_attention": lambda q, k, v: sm.softmax_attention(q, k, v),
+    "softmax_attention_weights": lambda q, k, v: sm.softmax_attention_weights(q, k),
+    **{f"linear_attention[{kn}]": (lambda q, k, v, kn=kn: la.linear_attention(q, k, v, kn))
+       for kn in la.KERNELS},
+    "linear_attention_weights": lambda q, k, v: la.linear_attention_weights(q, k, "elu"),
+    "inline_attention": lambda q, k, v: inj.inline_attention(q, k, v, scale=0.1),
+    "inline_attention_weights": lambda q, k, v: inj.inline_attention_weights(q, k, scale=0.1),
+    "centred_kv_buffer": lambda q, k, v: inj.centred_kv_buffer(k, v),
+    "local_attention_mass": lambda q, k, v: loc.local_attention_mass(
+        sm.softmax_attention_weights(q, k), 3),
+    "InLineAttention.local_residual": lambda q, k, v: loc.InLineAttention(24, num_heads=3).to(
+        device="meta", dtype=q.dtype).local_residual(torch.empty(2, 17, 24, **spec(q)), v),
+}
+
+
+def spec(t):
+    return {"device": t.device, "dtype": t.dtype}
+
+
+@pytest.mark.parametrize("name", HELPERS)
+def test_helpers_make_their_tensors_on_the_input_device(name):
+    q, k, v = (torch.empty(2, 3, 17, 8, device="meta", dtype=torch.float64) for _ in range(3))
+    out = HELPERS[name](q, k, v)
+    assert out.device.type == "meta" and out.dtype == torch.float64, (name, out.device, out.dtype)
+
+
 def explicit_local_residual(m, x, v):
     """The residual written out (window w = m.window): out[b, 1+p, c] =
     sum_{|dr|,|dc| <= w//2} kernel[b, c, dr, dc] * vmap[b, c, r+dr, c+dc]."""

@@ -301,9 +301,20 @@ def test_demo_claims_and_printout(capsys):
     assert heads["RALA"][bg]["effective"] > heads["linear (ELU+1)"][bg]["effective"]
     # on random tokens alpha lowers the buffer's effective rank
     assert kv[rnd]["alpha"]["effective"] < kv[rnd]["plain"]["effective"]
-    # the gate and the local terms lift a module's output rank, before any training
+    # zero-mean values: the plain buffer does not collapse; ELU+1's outputs do, even there
+    assert kv[rnd]["plain"]["effective"] > 32 / 4
+    assert heads["linear (ELU+1)"][rnd]["effective"] < heads["softmax"][rnd]["effective"] / 4
+    # softmax's output is N x d too, and collapses where tokens are alike
+    assert heads["softmax"][bg]["effective"] < heads["softmax"][rnd]["effective"] / 4
+    # the numbers step 05's docstring quotes are the ones the demo prints
+    for x in (kv[bg]["plain"], kv[rnd]["plain"], kv[bg]["alpha"], kv[rnd]["alpha"],
+              heads["linear (ELU+1)"][rnd], heads["softmax"][rnd], heads["softmax"][bg]):
+        assert f"{x['effective']:.2f}" in ra.__doc__, f"docstring: update {x['effective']:.2f}"
+    # the gate and the local terms lift a module's output rank, before any training; re-weighting
+    # (alpha ~ 1 in an untrained module) barely moves it
     eff = {name: m["effective"] for name, m in mods.items()}
     assert eff["final"] > eff["final, gate off"] and eff["final"] > eff["final, local off"]
+    assert abs(eff["final"] - eff["final, reweight off"]) < 0.1
     assert eff["inline"] > eff["injective"]
     assert list(mods) == list(ra.ATTENTIONS) + ["final, reweight off", "final, gate off", "final, local off"]
     for table, top in [(kv, 32), (heads, 32), (mods, 192)]:
@@ -416,6 +427,52 @@ def test_fp16_autocast_sums_over_n_do_not_overflow(name):
     assert torch.isfinite(y).all(), f"{name}: fp16 autocast core output has inf / NaN: sums " \
                                     f"over N must accumulate in float32"
     assert err < 1e-2, f"{name}: fp16 autocast core off float32 by {err:.2e} (relative) > 1e-2"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_hand_written_core_under_autocast_equals_float32(dtype):
+    """ReweightedInLineCore called directly, not through in_float32: under CPU autocast its
+    custom_fwd casts the inputs to float32 and turns autocast off, custom_bwd does the same for
+    the backward, so output and gradients are the float32 call's (without: off by ~1e-2)."""
+    q, k, v = (rand(2, 3, 17, 8, seed=s).float().requires_grad_() for s in (70, 71, 72))
+    local = rand(2, 3, 16, 8, seed=73).float().requires_grad_()
+    g = rand(2 * 3, 17, 8, seed=74).float()
+
+    def run():
+        out = ra.ReweightedInLineCore.apply(q, k, v, q.mean(-2, keepdim=True),
+                                            v.mean(-2, keepdim=True), 8 ** -0.5, local)
+        return (out,) + torch.autograd.grad(out, (q, k, v, local), g)
+
+    ref = run()
+    with torch.autocast("cpu", dtype=dtype):
+        got = run()
+    for name, a, b in zip(["out", "dq", "dk", "dv", "dlocal"], got, ref):
+        assert a.dtype == torch.float32 and torch.equal(a, b), f"{name} under {dtype} autocast"
+
+
+# every helper of step 05 makes its tensors on its input's device (step 04's test, continued)
+META = {
+    "rala_attention": lambda q, k, v: ra.rala_attention(q, k, v),
+    "rala_attention_weights": lambda q, k, v: ra.rala_attention_weights(q, k),
+    "reweighted_keys": lambda q, k, v: ra.reweighted_keys(q, k),
+    "numerical_rank": lambda q, k, v: ra.numerical_rank(q),
+    "effective_rank": lambda q, k, v: ra.effective_rank(q),
+    "ReweightedInLineCore": lambda q, k, v: ra.ReweightedInLineCore.apply(
+        q, k, v, q.mean(-2, keepdim=True), v.mean(-2, keepdim=True), 0.3, v[:, :, 1:]),
+    **{f"{name}.{method}": (lambda q, k, v, cls=cls, method=method: getattr(
+        cls(24, num_heads=3).to(device="meta", dtype=q.dtype), method)(
+        torch.empty(2, 17, 24, device=q.device, dtype=q.dtype)))
+       for name, cls in ra.ATTENTIONS.items() for method in ("attention_weights", "kv_buffer")},
+}
+
+
+@pytest.mark.parametrize("name", META)
+def test_helpers_make_their_tensors_on_the_input_device(name):
+    # (the modules' forward cannot run on meta: torch.autocast has no meta device)
+    q, k, v = (torch.empty(2, 3, 17, 8, device="meta", dtype=torch.float64) for _ in range(3))
+    out = META[name](q, k, v)
+    assert out.device.type == "meta", (name, out.device)
+    assert out.dtype in (torch.float64, torch.int64), (name, out.dtype)
 
 
 # ----------------------------------------------------------------------------------------------
