@@ -10,6 +10,7 @@ bench = load("tools.bench")  # the memory measurement (a tool)
 loc = load("04_local_residual")
 inj = load("03_injectivity")
 ra = load("05_rank_augmentation")
+registry = load("attentions")  # the modules by name
 
 
 
@@ -209,42 +210,13 @@ def test_errors(cls):
 
 
 # ----------------------------------------------------------------------------------------------
-# the modules' common interface: split_heads, attention_weights, kv_buffer (every ATTENTIONS entry)
+# each module's KV buffer is its formula (the interface every module shares, split_heads,
+# attention_weights, kv_buffer's shape, is tests/test_attentions.py's, for every registered one)
 
 
 def make(name, dim=24, heads=3):
     torch.manual_seed(0)
-    return ra.ATTENTIONS[name](dim, num_heads=heads).double()
-
-
-@pytest.mark.parametrize("name", list(ra.ATTENTIONS))
-def test_split_heads_gives_the_projected_q_k_v_before_any_kernel(name):
-    m, x = make(name), rand(2, 17, 24, seed=30)
-    q, k, v = m.split_heads(x)
-    assert q.shape == k.shape == v.shape == (2, 3, 17, 8)
-    lin = m.qkv if hasattr(m, "qkv") else m.qkvo
-    merged = torch.cat([t.transpose(1, 2).reshape(2, 17, 24) for t in (q, k, v)], dim=-1)
-    assert torch.allclose(merged, lin(x)[..., :72], atol=1e-13), \
-        f"{name}: split_heads must give the heads of the q, k, v projections, before phi"
-
-
-@pytest.mark.parametrize("name", list(ra.ATTENTIONS))
-def test_attention_weights_are_what_the_core_applies_to_the_values(name):
-    m, x = make(name), rand(2, 17, 24, seed=31)
-    q, k, v = m.split_heads(x)
-    w = m.attention_weights(x)
-    assert w.shape == (2, 3, 17, 17)
-    assert_close(w @ v, m.attend(q, k, v), f"{name}: out_i = sum_j w_ij v_j, with w from "
-                 f"attention_weights(x) and out from the module's core attend(q, k, v)", atol=1e-12)
-    assert_close(w.sum(-1), torch.ones(2, 3, 17, dtype=torch.float64),
-                 f"{name}: every row of attention weights sums to 1", atol=1e-5)
-
-
-@pytest.mark.parametrize("name", list(ra.ATTENTIONS))
-def test_kv_buffer_shape(name):
-    m, x = make(name), rand(2, 17, 24, seed=32)
-    kv = m.kv_buffer(x)
-    assert kv.shape in {(2, 3, 8, 8), (2, 3, 17, 17)}, f"{name}: kv_buffer is (B, H, d, d) or (B, H, N, N)"
+    return registry.ATTENTIONS[name](dim, num_heads=heads).double()
 
 
 def explicit_kv(name, m, x):
@@ -316,7 +288,11 @@ def test_demo_claims_and_printout(capsys):
     assert eff["final"] > eff["final, gate off"] and eff["final"] > eff["final, local off"]
     assert abs(eff["final"] - eff["final, reweight off"]) < 0.1
     assert eff["inline"] > eff["injective"]
-    assert list(mods) == list(ra.ATTENTIONS) + ["final, reweight off", "final, gate off", "final, local off"]
+    assert list(mods) == ["softmax", "linear", "injective", "inline", "rala", "final",
+                          "final, reweight off", "final, gate off", "final, local off"]
+    # table 3's first six are the registry's modules, by the registry's names
+    assert [(n, cls) for n, cls, kw in ra.MODULE_VARIANTS if not kw] == \
+        list(registry.ATTENTIONS.items())[:6]
     for table, top in [(kv, 32), (heads, 32), (mods, 192)]:
         for x in table.values():
             for rank in (x.values() if "numerical" not in x else [x]):
@@ -387,14 +363,14 @@ def test_demos_import_matplotlib_only_for_plot():
 # ----------------------------------------------------------------------------------------------
 # half precision: every linear kind sums its N tokens into the d x d buffer in float32
 
-LINEAR_KINDS = [name for name in ra.ATTENTIONS if name != "softmax"]
+LINEAR_KINDS = ["linear", "injective", "inline", "rala", "final"]  # the course's
 
 
 def half_vs_float32(name, dtype, x_scale, core=False, **kw):
     """(max |autocast output - float32 output| / max |float32 output|, autocast output) of the
     module (or of its core attend(q, k, v) alone) at N = 3137 (DeiT at 896 px), C = 192, 6 heads."""
     torch.manual_seed(0)
-    m = ra.ATTENTIONS[name](192, num_heads=6, **kw)
+    m = registry.ATTENTIONS[name](192, num_heads=6, **kw)
     x = x_scale * torch.randn(1, 3137, 192, generator=torch.Generator().manual_seed(0))
     run = (lambda x: m.attend(*m.split_heads(x))) if core else m
     with torch.no_grad():
@@ -450,7 +426,8 @@ def test_hand_written_core_under_autocast_equals_float32(dtype):
         assert a.dtype == torch.float32 and torch.equal(a, b), f"{name} under {dtype} autocast"
 
 
-# every helper of step 05 makes its tensors on its input's device (step 04's test, continued)
+# every helper of step 05 makes its tensors on its input's device (step 04's test, continued;
+# the modules' attention_weights and kv_buffer: tests/test_attentions.py)
 META = {
     "rala_attention": lambda q, k, v: ra.rala_attention(q, k, v),
     "rala_attention_weights": lambda q, k, v: ra.rala_attention_weights(q, k),
@@ -459,10 +436,6 @@ META = {
     "effective_rank": lambda q, k, v: ra.effective_rank(q),
     "ReweightedInLineCore": lambda q, k, v: ra.ReweightedInLineCore.apply(
         q, k, v, q.mean(-2, keepdim=True), v.mean(-2, keepdim=True), 0.3, v[:, :, 1:]),
-    **{f"{name}.{method}": (lambda q, k, v, cls=cls, method=method: getattr(
-        cls(24, num_heads=3).to(device="meta", dtype=q.dtype), method)(
-        torch.empty(2, 17, 24, device=q.device, dtype=q.dtype)))
-       for name, cls in ra.ATTENTIONS.items() for method in ("attention_weights", "kv_buffer")},
 }
 
 

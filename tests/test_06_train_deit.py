@@ -55,7 +55,7 @@ def opt_args(**kw):
 
 
 def shapes_batch(n, img_size=16, seed=0):
-    x, y = deit.synthetic_shapes(n, img_size, seed=seed)
+    x, y = deit.synthetic_tiles(n, img_size, 4, seed=seed)
     return (x.float() / 255 - 0.5) / 0.25, y
 
 
@@ -176,7 +176,7 @@ def test_timm_initialisation_and_drop_path_schedule():
     for w in (model.blocks[0].mlp.fc1.weight, model.head.weight, model.pos_embed):
         assert abs(w.std().item() - 0.02) < 0.002 and abs(w.mean().item()) < 0.002
     assert 0.01 < model.cls_token.std().item() < 0.03
-    rates = [b.drop_path.p for b in model.blocks]
+    rates = [getattr(b.drop_path, "drop_prob", 0.0) for b in model.blocks]  # 0: nn.Identity
     assert rates == pytest.approx([0.1 * i / 11 for i in range(12)])
     x = torch.randn(2, 3, 224, 224)
     model.train()  # drop-path drops whole samples' branches in training ...
@@ -203,7 +203,7 @@ def test_model_errors():
 
 
 def test_final_module_parts_switch_off_from_the_command_line(capsys):
-    args = deit.get_args(["--attn", "final", "--no-gate", "--no-local"])
+    args = deit.get_args(["--attn", "final", "--no", "local", "gate"])
     assert deit.model_label(args) == "final-no-gate-no-local"
     model = deit.build_model(args, 10)
     attn = model.blocks[0].attn
@@ -211,8 +211,10 @@ def test_final_module_parts_switch_off_from_the_command_line(capsys):
     assert args.output == os.path.join("runs", "demo-final-no-gate-no-local")
     full = deit.build_model(deit.get_args([]), 10).blocks[0].attn
     assert full.gate is not None and full.residual is not None and full.reweight
-    err = usage_error(["--attn", "softmax", "--no-gate"], capsys)
-    assert "--no-reweight, --no-gate, --no-local switch off parts of --attn final" in err
+    err = usage_error(["--attn", "softmax", "--no", "gate"], capsys)
+    assert "--no: the parts of --attn softmax are none" in err
+    err = usage_error(["--attn", "final", "--no", "gates"], capsys)
+    assert "--no: the parts of --attn final are reweight, gate, local" in err
 
 
 # ----------------------------------------------------------------------------------------------
@@ -261,8 +263,8 @@ def test_load_weights_refuses_weights_the_model_has_no_place_for():
     # weights silently. Strict must mean every weight of the file is used.
     src = small_vit("inline")
     args = deit.get_args(["--img-size", "16", "--patch-size", "4", "--embed-dim", "24",
-                          "--depth", "2", "--num-heads", "2", "--attn", "final", "--no-local",
-                          "--no-gate", "--no-reweight"])
+                          "--depth", "2", "--num-heads", "2", "--attn", "final", "--no", "local",
+                          "gate", "reweight"])
     model = deit.build_model(args, 5)
     assert set(model.state_dict()) < set(src.state_dict())
     with pytest.raises(deit.UserError, match=r"inline.pth does not fit the model.*"
@@ -298,7 +300,7 @@ def test_official_inline_checkpoint_with_a_yacs_config_loads_without_yacs(tmp_pa
     path = str(tmp_path / "inline_deit_t.pth")
     args = deit.get_args(TINY + ["--attn", "inline"])
     torch.manual_seed(5)
-    src = deit.build_model(args, 10).eval()
+    src = deit.build_model(args, 16).eval()
     make_inline_checkpoint(path, monkeypatch, src.state_dict())
     assert "yacs" not in sys.modules
     with pytest.raises(Exception, match="Weights only load failed"):
@@ -307,7 +309,7 @@ def test_official_inline_checkpoint_with_a_yacs_config_loads_without_yacs(tmp_pa
     assert type(ckpt["config"]) is OrderedDict and ckpt["epoch"] == 299
     assert ckpt["config"]["MODEL"]["TYPE"] == "inline_deit"
     assert ckpt["config"]["TRAIN"]["BASE_LR"] == 5e-4
-    model = deit.build_model(args, 10)
+    model = deit.build_model(args, 16)
     deit.load_weights(model, ckpt, path)
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in src.state_dict().items())
     # from the command line: --eval-only --pretrained, strictly, the same top-1 as the source
@@ -389,13 +391,12 @@ def test_training_checkpoint_log_and_best_epoch(tmp_path, monkeypatch):
     assert [name for name, _ in saved] == ["checkpoint.pth", "best.pth", "checkpoint.pth",
                                            "best.pth", "checkpoint.pth"]
     ckpt = deit.read_checkpoint(os.path.join(out, "checkpoint.pth"))
-    assert set(ckpt) == {"model", "optimizer", "scaler", "rng", "log", "args"}
+    assert set(ckpt) == {"model", "optimizer", "scaler", "log", "args"}
     log = log_of(out)
     assert ckpt["log"] == log                                       # the lines of log.jsonl
     assert [r["epoch"] for r in log] == [1, 2, 3] and [r["top1"] for r in log] == [50, 70, 60]
     assert [r["best_top1"] for r in log] == [50, 70, 70]
     assert {"loss", "lr", "top5", "train_s", "images_per_s", "time_s"} <= set(log[0])
-    assert len(ckpt["rng"]) == 1 and set(ckpt["rng"][0]) == {"torch", "python", "cuda", "numpy"}
     assert ckpt["args"]["attn"] == "final" and ckpt["args"]["epochs"] == 3
     assert all(torch.equal(v, saved[-1][1][k]) for k, v in ckpt["model"].items())
     best = deit.read_checkpoint(os.path.join(out, "best.pth"))
@@ -442,8 +443,7 @@ def test_resume_after_ctrl_c_is_bit_identical(tmp_path, capsys, monkeypatch):
     assert e.value.code == 130
     ckpt = os.path.join(split, "checkpoint.pth")
     said = capsys.readouterr()
-    assert said.err == (f"interrupted: the last checkpoint is {ckpt} (epoch 1); the same "
-                        f"command resumes from it\n")          # one line, no traceback
+    assert said.err == f"interrupted: the same command resumes from {ckpt}\n"  # one line
     assert "epoch 1/3 |" in said.out and "epoch 2/3 |" not in said.out
     assert len(deit.read_checkpoint(ckpt)["log"]) == 1 and len(log_of(split)) == 1
     after_epoch_1 = weights(ckpt)
@@ -478,8 +478,7 @@ def test_ctrl_c_before_the_first_checkpoint_says_nothing_is_saved(tmp_path, caps
     with pytest.raises(SystemExit) as e:
         deit.main(TINY + ["--epochs", "1", "--output", out])
     assert e.value.code == 130
-    assert capsys.readouterr().err == ("interrupted: nothing saved yet: the first checkpoint "
-                                       "comes after epoch 1\n")
+    assert capsys.readouterr().err == "interrupted before the first checkpoint (after epoch 1)\n"
     assert not os.path.exists(os.path.join(out, "checkpoint.pth"))
 
 
@@ -667,7 +666,7 @@ def sgd_copy(model):
 
 def test_gradient_accumulation_equals_one_big_batch_and_clips_the_sum():
     torch.manual_seed(0)
-    model = small_vit("final", num_classes=10)  # no drop-path; no mixing below
+    model = small_vit("final", num_classes=16)  # no drop-path; no mixing below
     x, y = shapes_batch(8, seed=1)
     criterion = nn.CrossEntropyLoss(label_smoothing=0.1)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
@@ -704,7 +703,7 @@ def test_gradient_accumulation_equals_one_big_batch_and_clips_the_sum():
 def test_a_few_steps_of_training_lower_the_loss():
     torch.manual_seed(0)
     batch = shapes_batch(32)
-    model = small_vit(num_classes=10)
+    model = small_vit(num_classes=16)
     opt = deit.make_optimizer(model, opt_args(lr=2e-3), CPU)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     losses = [deit.train_one_epoch(model, [batch], nn.CrossEntropyLoss(), opt, scaler, None, CPU,
@@ -760,7 +759,7 @@ def count_item_calls(monkeypatch, fn):
 def one_epoch(steps, check_every, poison_at=None):
     torch.manual_seed(0)
     batch = shapes_batch(8)
-    model = small_vit("softmax", num_classes=10, depth=1)
+    model = small_vit("softmax", num_classes=16, depth=1)
     opt = deit.make_optimizer(model, opt_args(), CPU)
     loader = [batch] * steps
     if poison_at is not None:
@@ -781,10 +780,10 @@ def test_no_host_sync_per_step(monkeypatch):
 
 
 def test_nan_between_checks_is_found_with_its_steps():
-    with pytest.raises(deit.UserError, match=r"^loss is nan in epoch 3, steps 5-8: stopped; "
+    with pytest.raises(deit.UserError, match=r"^loss is nan in epoch 3 by step 8: stopped; "
                                              r"the last good checkpoint is kept"):
         one_epoch(12, check_every=4, poison_at=5)          # seen at the look after step 8
-    with pytest.raises(deit.UserError, match=r"loss is nan in epoch 3, steps 1-3"):
+    with pytest.raises(deit.UserError, match=r"loss is nan in epoch 3 by step 3"):
         one_epoch(3, check_every=1000, poison_at=2)        # seen at the epoch's end
     assert math.isfinite(one_epoch(3, check_every=1))
 
@@ -800,7 +799,7 @@ def test_nan_in_a_run_keeps_the_last_good_checkpoint(one_epoch_run, tmp_path, mo
         return real_forward(self, x) * (float("nan") if bad else 1.0)
     monkeypatch.setattr(deit.VisionTransformer, "forward", nan_at_third_training_step)
     line = exit_line(TINY + ["--epochs", "2", "--output", out, "--check-every", "2"])
-    assert line.startswith("error: loss is nan in epoch 2, steps 3-4: stopped; the last good "
+    assert line.startswith("error: loss is nan in epoch 2 by step 4: stopped; the last good "
                            "checkpoint is kept"), line
     kept = deit.read_checkpoint(ckpt)  # intact: its digest fits
     assert len(kept["log"]) == 1 and len(log_of(out)) == 1
@@ -834,7 +833,7 @@ def test_gpu_paths_on_cpu_agree_with_eager_float32(attn, mode):
     torch.manual_seed(0)
     batch = shapes_batch(16, seed=2)
     # one block when compiled: the C++ that inductor writes for CPU takes ~10 s a block to build
-    eager = small_vit(attn, num_classes=10, depth=1 if mode == "compile" else 2)
+    eager = small_vit(attn, num_classes=16, depth=1 if mode == "compile" else 2)
     other = copy.deepcopy(eager)
     f32 = loop_args(clip_grad=5.0)
     args = loop_args(clip_grad=5.0, amp="bf16" if mode == "bf16" else "none")
@@ -984,26 +983,37 @@ def test_workers_default_to_the_cores_there_are(monkeypatch, tmp_path):
 # data: the demo, timm's transforms and sampler, ImageFolder, CIFAR
 
 
-def test_synthetic_shapes_are_fixed_and_balanced():
-    x, y = deit.synthetic_shapes(1000, 32, seed=0)
-    x2, y2 = deit.synthetic_shapes(1000, 32, seed=0)
-    x3, _ = deit.synthetic_shapes(1000, 32, seed=1)
-    assert x.shape == (1000, 3, 32, 32) and x.dtype == torch.uint8
+def test_synthetic_tiles_are_fixed_balanced_and_labelled_by_the_red_tile():
+    x, y = deit.synthetic_tiles(2000, 32, 4, seed=0)
+    x2, y2 = deit.synthetic_tiles(2000, 32, 4, seed=0)
+    x3, _ = deit.synthetic_tiles(2000, 32, 4, seed=1)
+    assert x.shape == (2000, 3, 32, 32) and x.dtype == torch.uint8
     assert torch.equal(x, x2) and torch.equal(y, y2) and not torch.equal(x, x3)
-    assert torch.bincount(y, minlength=10).min() > 60       # all 10 classes present
-    # the shape, not the colour, is the label: mean colours carry almost no class information
-    means = x.float().mean((2, 3))
-    per_class = torch.stack([means[y == c].mean(0) for c in range(10)])
-    assert (per_class.max(0).values - per_class.min(0).values).max() < 30
+    assert torch.bincount(y, minlength=16).min() > 80       # all 16 classes present
+    # without noise the label can be read off the image: the red tile's four patches, each one
+    # of the two textures, as the bits 8, 4, 2, 1 (row by row)
+    x, y = deit.synthetic_tiles(200, 32, 4, noise=0.0, seed=0)
+    img = x.float() / 255                                   # (n, 3, S, S) in [0, 1]
+    red = img[:, 0] - img[:, 1]                             # > 0 on the red tile only
+    tiles = red.unfold(1, 8, 8).unfold(2, 8, 8).mean((-1, -2)).flatten(1)  # (n, 16)
+    assert (tiles.max(1).values > 0.2).all() and (tiles.sort(1).values[:, -2] < 0.01).all()
+    at = tiles.argmax(1)                                    # the red tile, row by row
+    patches = img[:, 1].unfold(1, 4, 4).unfold(2, 4, 4).flatten(3)  # (n, 8, 8, 16): green
+    assert patches.flatten(0, 2).unique(dim=0).shape[0] == 2  # two textures in all
+    bits = ~(patches == patches[0, 0, 0]).all(-1)           # (n, 8, 8): the other texture?
+    r, c, n = 2 * (at // 4), 2 * (at % 4), torch.arange(200)
+    code = torch.stack([bits[n, r, c], bits[n, r, c + 1], bits[n, r + 1, c],
+                        bits[n, r + 1, c + 1]], 1).long() @ torch.tensor([8, 4, 2, 1])
+    assert torch.equal(code, y) or torch.equal(15 - code, y)  # up to which texture is "1"
 
 
-def test_demo_data_is_normalised_synthetic_shapes():
+def test_demo_data_is_normalised_synthetic_tiles():
     args = deit.get_args(TINY)
     train, val, classes, mix = deit.make_data(args)
-    assert classes == deit.SHAPES and mix is None
+    assert classes == [f"{i:04b}" for i in range(16)] and mix is None
     assert isinstance(train, TensorDataset) and len(train) == 64 and len(val) == 48
     for ds, (n, seed) in ((train, (64, 0)), (val, (48, 1))):  # their own seeds: no overlap
-        x, y = deit.synthetic_shapes(n, 16, seed)
+        x, y = deit.synthetic_tiles(n, 16, 4, 1.5, seed)
         assert torch.equal(ds.tensors[0], (x.float() / 255 - 0.5) / 0.25)
         assert torch.equal(ds.tensors[1], y)
 
@@ -1135,16 +1145,14 @@ def test_image_folder_training_and_eval_only(tmp_path):
     assert again["top1"] == pytest.approx(res["top1"])  # eval-only reproduces the logged top-1
 
 
-def test_held_out_images_are_checked_before_training(tmp_path, monkeypatch):
-    trained = []
-    monkeypatch.setattr(deit, "train_one_epoch", lambda *a, **k: trained.append(1) or 1.0)
+def test_a_broken_held_out_image_is_named_in_one_line(tmp_path, monkeypatch):
+    monkeypatch.setattr(deit, "train_one_epoch", lambda *a, **k: 1.0)
     data = write_image_folder(tmp_path / "data", bad="val/dog/broken.png")
     out = str(tmp_path / "out")
     line = exit_line(["--data-path", data, "--output", out, "--batch-size", "4", "--epochs", "1"]
                      + FOLDER_TINY)
-    assert line.startswith("error: cannot read held-out image ") and "broken.png" in line and \
-        "repair or remove it" in line, line
-    assert trained == [] and not os.path.exists(os.path.join(out, "checkpoint.pth"))
+    assert line.startswith("error: cannot identify image file ") and "broken.png" in line, line
+    assert not os.path.exists(os.path.join(out, "checkpoint.pth"))  # no epoch without its top-1
 
 
 def write_cifar(root, cls, n_train=40, n_test=16, classes=10, seed=0):
@@ -1221,14 +1229,15 @@ def test_cifar_damaged_folder_and_failed_download_give_one_line(tmp_path, monkey
         f.write(b"\x80\x02 half a pickle")
     folder = os.path.join(str(bad), CIFAR10.base_folder)
     line = exit_line(["--data", "cifar10", "--data-path", str(bad)] + CIFAR_TINY)
-    assert line.startswith(f"error: {folder}: ") and f"delete {folder} to download" in line, line
+    assert line.startswith(f"error: cifar10 in {folder}: ") and f"delete {folder} to download" \
+        in line, line
 
     def offline(self):
         raise URLError("[Errno -3] Temporary failure in name resolution")
     monkeypatch.setattr(CIFAR10, "download", offline)
     empty = str(tmp_path / "empty")
     line = exit_line(["--data", "cifar10", "--data-path", empty] + CIFAR_TINY)
-    assert line.startswith(f"error: could not download cifar10 into {empty} ("), line
+    assert line.startswith("error: cifar10 in "), line
     assert "Temporary failure in name resolution" in line and CIFAR10.url in line and \
         "by hand" in line
 
@@ -1236,7 +1245,7 @@ def test_cifar_damaged_folder_and_failed_download_give_one_line(tmp_path, monkey
 def test_a_missing_package_is_named_in_one_line(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "timm.data", None)  # as if timm were not installed
     line = exit_line(["--data", "cifar10", "--data-path", str(tmp_path)] + CIFAR_TINY)
-    assert line.startswith("error: this needs the package timm") and \
+    assert line.startswith("error: this needs timm:") and \
         "pip install -r requirements.txt" in line, line
 
 
@@ -1301,7 +1310,7 @@ def test_bad_input_from_the_command_line(tmp_path):
     assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1, proc.stderr[-2000:]
-    assert errors[0].startswith("error: cannot read image ") and \
+    assert "cannot identify image file" in errors[0] and \
         os.path.join(data, "train", "cat", "broken.png") in errors[0], errors[0]
 
 
@@ -1319,7 +1328,7 @@ from test_06_train_deit import small_vit, loop_args
 
 rank, world, device = deit.setup_distributed("cpu")
 torch.manual_seed(0)
-model = small_vit(num_classes=10)
+model = small_vit(num_classes=16)
 if rank == 1:  # DDP must start every process from rank 0's weights
     with torch.no_grad():
         for p in model.parameters():
@@ -1351,7 +1360,7 @@ deit.main({tiny!r} + ["--epochs", "1", "--device", "cpu", "--output",
 
 def single_process_grads(x, y):
     torch.manual_seed(0)
-    model = small_vit(num_classes=10)
+    model = small_vit(num_classes=16)
     opt = torch.optim.SGD(model.parameters(), lr=0.0)
     grads = {}
     opt.register_step_pre_hook(lambda o, a, k: grads.update(
@@ -1385,14 +1394,11 @@ def test_torchrun_two_processes_match_one(tmp_path):
     _, half = single_process_grads(x[0::2], y[0::2])
     assert not all(torch.allclose(half[k], g, rtol=1e-2, atol=1e-4) for k, g in grads.items())
     # the whole script ran under torchrun: one header (rank 0), the global batch of both
-    # processes, RNG states of both, metrics over all of val (one process evaluating the same
-    # checkpoint gets the same top-1)
+    # processes, metrics over all of val (one process evaluating the same checkpoint gets the
+    # same top-1)
     assert proc.stdout.count("global batch 32 (16 x 2 x 1), 2 updates per epoch") == 1, \
         proc.stdout
     run = str(tmp_path / "run")
-    ckpt = deit.read_checkpoint(os.path.join(run, "checkpoint.pth"))
-    assert len(ckpt["rng"]) == 2 and not torch.equal(ckpt["rng"][0]["torch"],
-                                                     ckpt["rng"][1]["torch"])
     logged = log_of(run)[0]
     res = deit.main(TINY + ["--eval-only", "--resume", os.path.join(run, "checkpoint.pth"),
                             "--output", str(tmp_path / "eval")])

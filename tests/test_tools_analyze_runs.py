@@ -56,14 +56,31 @@ def test_analyze_every_attention_on_a_fresh_model(attn):
     model = small_vit(attn)
     rows = analyze.analyze(model, torch.randn(2, 3, 16, 16))
     assert len(rows) == 2
-    kv_max = 17 if attn == "softmax" else 12  # N x N weights, or d x d buffers (24 / 2 heads)
+    has_kv = getattr(model.blocks[0].attn, "kv_buffer", None) is not None  # optional
     for r in rows:
         assert all(0 <= r[f"mass_{w}"] <= 1.0 + 1e-9 or attn in ("injective", "inline", "final")
                    for w in analyze.WINDOWS)  # InLine's weights may be negative, so its mass
         assert 0 <= r["confused"] <= r["pairs"] == 16 * 15 // 2
-        assert 1 <= r["rank_kv"] <= r["rank_kv_max"] == kv_max
+        assert (r["rank_kv"] is not None) == has_kv
+        if has_kv:  # of N x N weights, or of d x d buffers (24 / 2 heads)
+            assert 1 <= r["rank_kv"] <= r["rank_kv_max"] in (17, 12)
         assert 1 <= r["rank_out"] <= r["rank_out_max"] == 24
     assert all(p.dtype == torch.float32 for p in model.parameters())  # measured in a copy
+
+
+def test_analyze_a_module_without_kv_buffer():
+    torch.manual_seed(0)
+    model = small_vit("linear")
+    images = torch.randn(2, 3, 16, 16)
+    full = analyze.analyze(model, images)
+    for blk in model.blocks:
+        blk.attn.kv_buffer = None  # as a module that has none (attentions.py: it is optional)
+    rows = analyze.analyze(model, images)
+    assert all(r["rank_kv"] is None and r["rank_kv_max"] is None for r in rows)
+    assert [{k: v for k, v in r.items() if "kv" not in k} for r in rows] == \
+        [{k: v for k, v in r.items() if "kv" not in k} for r in full]  # the rest is measured
+    lines = analyze.table(rows, "linear", 2, 0.05)
+    assert all(line.split(" | ")[-2] == f"{'-':>7} {'-':>3}" for line in lines[3:]), lines
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +90,7 @@ def two_seeds(tmp_path_factory):
     for seed, run in zip((0, 1), out):
         deit.main(TINY + ["--attn", "softmax", "--epochs", "2", "--seed", str(seed),
                           "--output", run])
-    deit.main(TINY + ["--no-gate", "--epochs", "1", "--output", out[2]])
+    deit.main(TINY + ["--no", "gate", "--epochs", "1", "--output", out[2]])
     return out
 
 
@@ -115,3 +132,26 @@ def test_runs_table_groups_seeds_and_plot_draws_every_run(two_seeds, tmp_path, c
     with pytest.raises(SystemExit) as e:
         runs.main(["table", str(tmp_path)])
     assert "holds no checkpoint.pth" in str(e.value.code)
+
+
+def test_ablation_trains_each_row_and_seed_once_and_resumes(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(runs, "ABLATION", [("softmax", []), ("final", ["--no", "gate"])])
+    root = str(tmp_path / "abl")
+    argv = ["ablation", "--root", root, "--seeds", "0", "1", "--", *TINY, "--epochs", "1",
+            "--depth", "1"]
+    groups = runs.main(argv)
+    assert sorted(os.listdir(root)) == ["final-no-gate-s0", "final-no-gate-s1", "softmax-s0",
+                                        "softmax-s1"]
+    assert list(groups) == ["softmax", "final-no-gate"]
+    assert all(len(g) == 2 for g in groups.values())
+    said = open(os.path.join(root, "softmax-s1", "stdout.txt")).read()
+    assert "epoch 1/1 |" in said  # 06's own lines go to the run's file, not the screen
+    out = capsys.readouterr().out
+    assert "| softmax | 2 |" in out and "| final-no-gate | 2 |" in out
+    trained = []
+    monkeypatch.setattr(deit, "main", lambda argv: trained.append(argv))
+    assert runs.main(argv) == groups and trained == []  # the second call trains nothing
+    os.remove(os.path.join(root, "softmax-s1", "log.jsonl"))  # as if stopped in its 1st epoch
+    runs.main(argv)
+    assert len(trained) == 1 and trained[0][-2:] == ["--output", os.path.join(root, "softmax-s1")]
+    assert "--seed" in trained[0] and trained[0][trained[0].index("--seed") + 1] == "1"

@@ -10,7 +10,8 @@ of steps 03-05, imported, not rewritten. In float64, on held-out images, per blo
              distribution (L1 distance < --tol; the per-image confusion count of InLine's Fig. 2,
              step 03), of `pairs` in all
   rank_kv    effective rank (exp of the entropy of the normalised singular values, step 05) of
-             each head's KV buffer (softmax: its N x N weights), of at most rank_kv_max
+             each head's KV buffer (softmax: its N x N weights), of at most rank_kv_max; None
+             (printed -) for a module without kv_buffer (attentions.py: it is optional)
   rank_out   effective rank of the block's N x C output, of at most rank_out_max
 
     python tools/analyze.py runs/demo-final runs/demo-softmax --plot figures/local_mass.png
@@ -64,8 +65,10 @@ def analyze(model, images, tol=0.05):
         patches = w[..., cls:, :].flatten(0, 1)                 # (B*H, P, N) the patch queries
         row["confused"] = sum(injective.confusion_pairs(r, tol) for r in patches) / (B * H)
         row["pairs"] = (N - cls) * (N - cls - 1) // 2
-        kv = attn.kv_buffer(x)                                  # (B, H, d, d); softmax (B, H, N, N)
-        row["rank_kv"], row["rank_kv_max"] = float(rank_aug.effective_rank(kv).mean()), kv.shape[-1]
+        kv = getattr(attn, "kv_buffer", None)                   # optional (attentions.py)
+        kv = None if kv is None else kv(x)                      # (B, H, d, d); softmax (B, H, N, N)
+        row["rank_kv"] = None if kv is None else float(rank_aug.effective_rank(kv).mean())
+        row["rank_kv_max"] = None if kv is None else kv.shape[-1]
         row["rank_out"] = float(rank_aug.effective_rank(out).mean())
         row["rank_out_max"] = out.shape[-1]
         attn.float()
@@ -83,9 +86,10 @@ def table(rows, label, n_images, tol):
     for r in rows:
         masses = [f"{r[f'mass_{w}']:>8.3f} (x{r[f'mass_{w}'] / r[f'uniform_{w}']:>5.2f})"
                   for w in WINDOWS]
+        kv = f"{'-':>7} {'-':>3}" if r["rank_kv"] is None else \
+            f"{r['rank_kv']:>7.2f} {r['rank_kv_max']:>3}"
         lines.append(f"{r['block']:>5} | " + " | ".join(masses) + f" | {r['confused']:>8.1f} | "
-                     f"{r['rank_kv']:>7.2f} {r['rank_kv_max']:>3} | {r['rank_out']:>8.2f} "
-                     f"{r['rank_out_max']:>3}")
+                     f"{kv} | {r['rank_out']:>8.2f} {r['rank_out_max']:>3}")
     return lines
 
 

@@ -5,7 +5,7 @@
     python tools/bench.py model                    # DeiT-T: the final attention vs softmax, 224 px
     python tools/bench.py model --img-size 448 --batch 64 --compile --amp bf16 --device cuda
 
-modules: every module of ATTENTIONS (steps 01-05) at C = 192 with 6 heads (InLine-DeiT-T's),
+modules: every module of attentions.py (01-05, and yours) at C = 192, 6 heads (InLine-DeiT-T's),
 float32, on random tokens x (B, N, C), B = --batch or min(8, 32768 // N); every module starts from
 the same seed. Two passes: forward + backward (the gradients of sum(output) with respect to x and
 the parameters) and inference (forward under no_grad). Softmax is torch's fused SDPA (step 01).

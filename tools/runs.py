@@ -1,7 +1,14 @@
-"""Tables and plots over finished runs of step 06.
+"""Tables and plots over runs of step 06, and the demo's ablation.
 
+    python tools/runs.py ablation                     # every row below x 3 seeds: about an hour
+    python tools/runs.py ablation --quick             # one seed of 06 --quick: a few minutes
     python tools/runs.py table runs/demo-*            # markdown: top-1 mean +- std over seeds
     python tools/runs.py plot runs/demo-* --out figures/training_curves.png
+
+`ablation` trains 06's CPU demo once per row of ABLATION and seed, into ROOT/LABEL-sSEED (each
+run's output in its stdout.txt), then prints `table` over them. It can be stopped at any time:
+the same command skips finished runs and resumes the one it stopped in. Flags after `--` go to
+06 (e.g. `-- --epochs 8`).
 
 A RUN is an output directory of 06: its checkpoint.pth says which model it trained (attention,
 parts switched off, seed), its log.jsonl has one line per epoch. `table` groups the runs by model
@@ -11,16 +18,46 @@ mean training images/s. `plot` draws training loss and held-out top-1 against ep
 per run.
 """
 import argparse
+import contextlib
 import importlib
 import json
 import os
 import sys
 
 import numpy as np
+from tqdm import tqdm
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 deit = importlib.import_module("06_train_deit")
+
+
+# the rows of the papers' ablations the course can build: each attention (InLine Table 2: linear
+# vs injective; Table 3: the local residual, inline vs injective), and the final module with each
+# of its parts off (RALA's ablation of its two rank augmentations, and InLine's local residual)
+ABLATION = [("softmax", []), ("linear", []), ("injective", []), ("inline", []), ("rala", []),
+            ("final", [])] + [("final", ["--no", part]) for part in ("reweight", "gate", "local")]
+
+
+def ablation(root, seeds, quick=False, extra=()):
+    """Train every row of ABLATION x seed on the demo (skipping finished runs); the runs."""
+    jobs = [(os.path.join(root, f"{attn}{''.join('-no-' + p for p in off[1:])}-s{seed}"),
+             ["--attn", attn, *off, "--seed", str(seed), *["--quick"] * quick, *extra])
+            for seed in seeds for attn, off in ABLATION]  # seed by seed: a stop leaves whole seeds
+    for out, argv in tqdm(jobs, desc="ablation", unit="run", dynamic_ncols=True):
+        argv = argv + ["--output", out]
+        log = os.path.join(out, "log.jsonl")
+        if os.path.isfile(log) and sum(1 for _ in open(log)) >= deit.get_args(argv).epochs:
+            continue  # finished
+        os.makedirs(out, exist_ok=True)
+        try:
+            with open(os.path.join(out, "stdout.txt"), "a") as f, contextlib.redirect_stdout(f), \
+                    contextlib.redirect_stderr(f):
+                deit.main(argv)  # a stopped run resumes: 06 finds its checkpoint
+        except SystemExit as e:  # 06's error or Ctrl-C: its one line is in the file
+            raise deit.UserError(f"06 stopped in {out} (exit status {e.code}; see its "
+                                 f"stdout.txt): the same command resumes") from None
+    return [out for out, _ in jobs]
 
 
 def read_run(run):
@@ -84,13 +121,23 @@ def plot_curves(runs, path):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("what", choices=["table", "plot"])
-    p.add_argument("runs", nargs="+", metavar="RUN", help="output directories of 06")
+    p.add_argument("what", choices=["ablation", "table", "plot"])
+    p.add_argument("runs", nargs="*", metavar="RUN", help="output directories of 06")
     p.add_argument("--out", default="training_curves.png", help="the figure of `plot`")
-    args = p.parse_args(argv)
+    p.add_argument("--root", default=os.path.join("runs", "ablation"), help="ablation's runs")
+    p.add_argument("--seeds", type=int, nargs="+", help="ablation's seeds (default 0 1 2, "
+                   "--quick: 0)")
+    p.add_argument("--quick", action="store_true", help="ablation: 06 --quick")
+    argv = sys.argv[1:] if argv is None else list(argv)
+    extra = argv[argv.index("--") + 1:] if "--" in argv else []  # 06's own flags
+    args = p.parse_args(argv[:len(argv) - len(extra) - bool(extra)])
+    if (args.what == "ablation") == bool(args.runs):
+        p.error("ablation takes no RUN; table and plot take one or more")
     try:
-        if args.what == "table":
-            groups = summarize(args.runs)
+        if args.what in ("ablation", "table"):
+            seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
+            runs = ablation(args.root, seeds, args.quick, extra) if args.runs == [] else args.runs
+            groups = summarize(runs)
             print("\n".join(table(groups)))
             return groups
         missing = [r for r in args.runs if not os.path.isfile(os.path.join(r, "log.jsonl"))]
