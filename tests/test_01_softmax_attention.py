@@ -179,3 +179,42 @@ def test_demo_claims_and_printout(capsys):
         assert explicit > 0 and sdpa > 0
     (e16, s16), (e32, s32) = r["times_ms"][16], r["times_ms"][32]
     assert rows[0][5:] == ["|"] and rows[1][5:] == ["|", f"x{e32 / e16:.1f}", "/", f"x{s32 / s16:.1f}"]
+
+
+# ----------------------------------------------------------------------------------------------
+# mistakes the tests above let through (tools/mutants.py): each test names the one it catches
+
+
+def test_v_is_checked_like_q_and_k():
+    # a check that forgets v lets a (H, N, d) v through to a broadcasting matmul
+    q = rand(2, 3, 5, 4)
+    with pytest.raises(ValueError, match=r"v must be a \(B, H, N, d\) tensor, got shape \(3, 5, 4\)"):
+        sm.softmax_attention(q, q, q[0])
+
+
+def test_one_head_is_allowed_and_the_default_is_timms():
+    m = sm.SoftmaxAttention(12, num_heads=1)          # num_heads >= 1, not > 1
+    assert (m.num_heads, m.head_dim) == (1, 12)
+    assert sm.SoftmaxAttention(64).num_heads == 8      # timm's Attention: num_heads=8
+
+
+def test_demo_reports_the_largest_error(monkeypatch):
+    """exactness() reports max |difference| and the largest row-sum error: one entry off by 1e-3
+    must show (a .min() or a mean hides it), and a weight of 0 is not positive (w > 0, not >= 0)."""
+    def one_entry_off(fn, value, index=5):
+        def off(*args, **kwargs):
+            out = fn(*args, **kwargs).clone()
+            out.view(-1)[index] = value(out.view(-1)[index])
+            return out
+        return off
+
+    monkeypatch.setattr(sm, "softmax_attention", one_entry_off(sm.softmax_attention, lambda x: x + 1e-3))
+    r = sm.exactness(n=20)
+    for dtype, diff in r["sdpa_vs_explicit"].items():
+        assert abs(diff - 1e-3) < 1e-5, f"{dtype}: the demo must report the largest |SDPA - explicit|"
+    assert r["module_vs_explicit"] > 1e-5, "the demo must report the largest |module - explicit|"
+    monkeypatch.undo()
+    monkeypatch.setattr(sm, "softmax_attention_weights",
+                        one_entry_off(sm.softmax_attention_weights, lambda x: 0 * x))
+    r = sm.exactness(n=20)
+    assert r["row_sum_error"] > 1e-3 and r["all_positive"] is False

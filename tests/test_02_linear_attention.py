@@ -152,3 +152,59 @@ def test_demo_claims_and_printout(capsys):
         assert f"Crossover: linear attention is faster from N = {faster[0]} on" in out
     else:
         assert "not faster at any measured N" in out
+
+
+# ----------------------------------------------------------------------------------------------
+# mistakes the tests above let through (tools/mutants.py): each test names the one it catches
+
+
+def test_in_float32_reads_the_first_tensor_and_turns_autocast_off():
+    """The dtype comes from the first tensor (the others may be None), half inputs are computed in
+    float32 with autocast off inside (enabled=True would cast the matmuls down again), the result
+    comes back in the first tensor's dtype; float64 passes through as it is."""
+    seen = {}
+
+    def core(a, b, c, scale=1.0):
+        seen.update(dtypes=(a.dtype, b.dtype), c=c, autocast=torch.is_autocast_enabled("cpu"), scale=scale)
+        return a * scale + b.to(a.dtype)
+
+    h = rand(2, 3, seed=1).to(torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = la.in_float32(core, h, h.half(), None, scale=2.0)
+    assert out.dtype == torch.bfloat16, "the result comes back in the first tensor's dtype"
+    assert seen == {"dtypes": (torch.float32, torch.float32), "c": None, "autocast": False, "scale": 2.0}
+    # the device comes from the first tensor too (autocast has no meta device: it would raise)
+    meta = torch.empty(2, 3, device="meta", dtype=torch.float16)
+    assert la.in_float32(lambda a, b: 2 * a, h, meta).dtype == torch.bfloat16
+    x = rand(2, 3, seed=2)
+    out = la.in_float32(core, x, x.float(), None)     # not under autocast: none inside either
+    assert out.dtype == torch.float64 and seen["dtypes"] == (torch.float64, torch.float32)
+    assert seen["autocast"] is False
+    assert_close(out, x + x.float().double(), "in_float32 passes float64 through", atol=1e-6)
+
+
+def test_module_core_in_float32_is_exact_to_float32():
+    # no autocast inside attend(): float32 inputs give float32 accuracy (bf16 matmuls: ~1e-2 off)
+    m = la.LinearAttention(24, num_heads=4, kernel="elu")
+    q, k, v = (t.float() for t in qkv("elu", H=4, d=6))
+    assert_close(m.attend(q, k, v).double(), la.linear_attention(*(t.double() for t in (q, k, v)), "elu"),
+                 "LinearAttention.attend in float32 = " + LINEAR + " in float64", atol=1e-5)
+
+
+def test_default_heads_are_timms():
+    assert la.LinearAttention(64).num_heads == 8 and la.LinearAttention(64).kernel == "relu"
+
+
+def test_demo_reports_the_largest_error(monkeypatch):
+    """associativity() reports max |fast - N x N form|: one entry of the fast form off by 1e-3
+    must show, for every kernel (a .min() or a mean hides it)."""
+    fast = la.linear_attention
+
+    def one_entry_off(*args, **kwargs):
+        out = fast(*args, **kwargs).clone()
+        out.view(-1)[7] += 1e-3
+        return out
+
+    monkeypatch.setattr(la, "linear_attention", one_entry_off)
+    for kernel, diff in la.associativity(n=20, d=4)["fast_vs_n_by_n"].items():
+        assert abs(diff - 1e-3) < 1e-9, f"kernel {kernel!r}: the demo must report the largest difference"

@@ -253,3 +253,112 @@ def test_plot_into_a_file_is_a_clear_error(step, tmp_path, capsys):
     with pytest.raises(SystemExit):
         load(step).main(["--plot", str(f)])
     assert f"--plot {f}: exists and is not a directory" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------------------
+# mistakes the tests above let through (tools/mutants.py): each test names the one it catches
+
+
+def test_default_scale_is_eq5s_s_equal_1():
+    q, k, v = rand(1, 2, 6, 4, seed=30), rand(1, 2, 7, 4, seed=31), rand(1, 2, 7, 3, seed=32)
+    w = inj.inline_attention_weights(q, k)
+    assert_close(w, explicit_inline_weights(q, k, lambda x: x, 1.0), EQ5 + ", default s = 1", atol=1e-13)
+    assert_close(inj.inline_attention(rand(1, 2, 7, 4, seed=30), k, v),
+                 inj.inline_attention_weights(rand(1, 2, 7, 4, seed=30), k) @ v,
+                 "InLine's linear form, default s = 1", atol=1e-12)
+
+
+def test_module_weights_and_buffer_use_the_modules_scale():
+    # N = 17 tokens, head_dim 8: s = 8**-0.5 / 17 (a scale without / N, or / d, is another s)
+    torch.manual_seed(0)
+    m = inj.InjectiveLinearAttention(48, num_heads=6).double()
+    x = rand(2, 17, 48, seed=33)
+    q, k, v = m.split_heads(x)
+    w = m.attention_weights(x)
+    assert_close(w, explicit_inline_weights(q, k, lambda t: t, 8 ** -0.5 / 17),
+                 "InjectiveLinearAttention.attention_weights: " + EQ5 + ", s = head_dim**-0.5 / N",
+                 atol=1e-13)
+    assert_close(w @ v, m.attend(q, k, v), "attend(q, k, v) = attention_weights(x) @ v", atol=1e-12)
+    kc = k - k.mean(dim=-2, keepdim=True)
+    assert_close(m.kv_buffer(x), torch.einsum("bhnd,bhne->bhde", kc, v),
+                 "kv_buffer = sum_j (k_j - mean k) v_j^T", atol=1e-12)
+    assert inj.InjectiveLinearAttention(48).num_heads == 8  # timm's default, as steps 01, 02
+
+
+@pytest.mark.parametrize("name", ["softmax", "linear-relu", "linear-identity", "inline-identity"])
+def test_weights_of_is_the_step_functions_one_head(name):
+    # M = 3 queries, N = 5 keys, d = 4 (all different): the inline scale is the module's d**-0.5 / N
+    q, k = rand(3, 4, seed=34, shift=0.5), rand(5, 4, seed=35, shift=0.5)
+    family, _, kernel = name.partition("-")
+    expected = {"softmax": lambda: sm.softmax_attention_weights(q[None, None], k[None, None]),
+                "linear": lambda: la.linear_attention_weights(q[None, None], k[None, None], kernel, eps=0.0),
+                "inline": lambda: inj.inline_attention_weights(q[None, None], k[None, None], kernel,
+                                                               scale=4 ** -0.5 / 5)}[family]()[0, 0]
+    assert_close(inj.weights_of(name, q, k), expected, f"weights_of({name!r}): (M, N) weights", atol=1e-14)
+
+
+def test_confusion_pairs_counts_l1_distances_below_tol():
+    w = torch.tensor([[1.0, 0.0, 0.0], [0.75, 0.25, 0.0], [0.7, 0.3, 0.0], [0.0, 0.0, 1.0]],
+                     dtype=torch.float64)
+    # L1 distances: rows 0-1 0.5, 0-2 0.6, 1-2 0.1, row 3 to each other row 2
+    assert inj.confusion_pairs(w, 0.5) == 1           # 1-2 only: 0-1 is not *below* 0.5
+    assert inj.confusion_pairs(w, 0.55) == 2          # 1-2, 0-1
+    assert inj.confusion_pairs(w, 0.65) == 3          # 1-2, 0-1, 0-2
+    assert inj.confusion_pairs(w, 2.5) == 6           # every pair of 4 rows
+    assert inj.confusion_pairs(w, 0.05) == 0
+
+
+def test_demo_compares_the_queries_it_says(monkeypatch):
+    """collisions(): each attention's rows are q, 2q and q_neg (q's negative coordinates x5), the
+    ReLU(A x + b) pair has phi(q') = 2 phi(q), each number is the largest difference of those rows;
+    confusion_counts(): unit directions times the lengths, pair counts as whole numbers."""
+    calls, weights_of = [], inj.weights_of
+    monkeypatch.setattr(inj, "weights_of", lambda name, q, k: calls.append(
+        (name, q, weights_of(name, q, k))) or calls[-1][2])
+    g = torch.Generator().manual_seed(0)
+    k = torch.randn(30, 6, generator=g, dtype=torch.float64)
+    col = inj.collisions(k, g)
+    assert [c[0] for c in calls] == inj.NAMES + ["linear-identity", "softmax"]
+    for name, q, w in calls[:len(inj.NAMES)]:
+        assert torch.equal(q[1], 2 * q[0]) and torch.equal(q[2], torch.where(q[0] < 0, 5 * q[0], q[0]))
+        assert col["pairs"][name] == {"q vs 2q": float((w[0] - w[1]).abs().max()),
+                                      "q vs q_neg": float((w[0] - w[2]).abs().max())}, name
+    (_, phi, w_ab), (_, _, w_sm) = calls[len(inj.NAMES):]
+    assert_close(phi[1], 2 * phi[0], "phi(q') = 2 phi(q)", atol=1e-12)
+    assert col["relu_ab"]["linear"] == float((w_ab[0] - w_ab[1]).abs().max())
+    assert col["relu_ab"]["softmax"] == float((w_sm[0] - w_sm[1]).abs().max()) > 1e-2
+    calls.clear()
+    conf = inj.confusion_counts(k, 5, 1e-3, g, lengths=(0.5, 1.0, 3.0))
+    queries = calls[0][1].reshape(5, 3, 6)                          # directions x lengths
+    assert_close(queries.norm(dim=-1), torch.tensor([[0.5, 1.0, 3.0]] * 5, dtype=torch.float64),
+                 "confusion_counts: unit directions times the lengths", atol=1e-12)
+    assert_close(queries / queries.norm(dim=-1, keepdim=True), queries[:, :1].expand(5, 3, 6)
+                 / queries[:, :1].norm(dim=-1, keepdim=True), "one direction per group", atol=1e-12)
+    assert (conf["pairs"], conf["same direction pairs"]) == (15 * 14 // 2, 5 * 3)
+    assert type(conf["pairs"]) is int and type(conf["same direction pairs"]) is int  # printed
+
+
+def test_inline_properties_reports_the_largest_errors(monkeypatch):
+    """inline_properties(): s = d**-0.5 / N (the module's), uniform = 1/N, and the largest
+    row-sum error and |fast - N x N form| (one entry off by 1e-3 must show)."""
+    g = torch.Generator().manual_seed(0)
+    k = torch.randn(30, 6, generator=g, dtype=torch.float64)
+    seen, fast, weights_of = {}, inj.inline_attention, inj.weights_of
+
+    def fast_one_off(q, k, v, scale):
+        seen["scale"] = scale
+        out = fast(q, k, v, scale=scale).clone()
+        out.view(-1)[3] += 1e-3
+        return out
+
+    def weights_one_off(name, q, k):
+        w = weights_of(name, q, k).clone()
+        w.view(-1)[4] += 1e-3
+        return w
+
+    monkeypatch.setattr(inj, "inline_attention", fast_one_off)
+    monkeypatch.setattr(inj, "weights_of", weights_one_off)
+    p = inj.inline_properties(k, g)
+    assert abs(seen["scale"] - 6 ** -0.5 / 30) < 1e-15, "s = d**-0.5 / N, the module's scale"
+    assert p["uniform"] == 1 / 30
+    assert abs(p["fast_vs_n_by_n"] - 1e-3) < 1e-9 and abs(p["row_sum_error"] - 1e-3) < 1e-9

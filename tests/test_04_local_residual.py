@@ -246,3 +246,60 @@ def test_plot_writes_the_maps_and_the_bars(tmp_path, capsys):
     expected = [x["mass"][win] for blur in (0, 4) for win in loc.WINDOWS
                 for x in r["table"]["rows"] if x["blur"] == blur]
     assert heights == pytest.approx(expected)
+
+
+# ----------------------------------------------------------------------------------------------
+# mistakes the tests above let through (tools/mutants.py): each test names the one it catches
+
+
+def test_local_mass_default_window_batches_and_bad_shapes():
+    w = torch.rand(2, 3, 17, 17, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    # batched = each (b, h) alone (the grid is read from the last dimension, not the first), and
+    # the default window is InLine's 3
+    each = torch.stack([torch.stack([loc.local_attention_mass(w[b, h], 3) for h in range(3)])
+                        for b in range(2)])
+    assert torch.allclose(loc.local_attention_mass(w), each, atol=1e-15)
+    with pytest.raises(ValueError, match=r"expected \(\.\.\., N, N\) weights, got shape \(9,\)"):
+        loc.local_attention_mass(torch.ones(9), 3)
+
+
+def test_window_one_is_allowed_and_the_default_heads_are_timms():
+    torch.manual_seed(0)
+    m = loc.InLineAttention(12, num_heads=3, window=1).double()   # a positive odd size: 1 too
+    assert m.residual[2].out_channels == 12 and m(rand(1, 10, 12, seed=6)).shape == (1, 10, 12)
+    assert loc.InLineAttention(64).num_heads == 8
+
+
+def test_smooth_tokens_are_standardised_per_channel():
+    x = loc.smooth_tokens(6, 4, 2, torch.Generator().manual_seed(0))   # (36, 4)
+    assert x.shape == (36, 4)
+    assert torch.allclose(x.mean(dim=0), torch.zeros(4, dtype=torch.float64), atol=1e-12)
+    assert torch.allclose(x.std(dim=0), torch.ones(4, dtype=torch.float64), atol=1e-12)
+
+
+def test_local_mass_table_is_the_mean_over_the_maps():
+    names, blurs = ["softmax", "linear-elu", "inline-identity"], (0, 2)
+    t = loc.local_mass_table(side=4, dim=4, samples=2, seed=3, names=names, blurs=blurs)
+    assert t["n"] == 17 and t["uniform"] == {win: win * win / 17 for win in loc.WINDOWS}
+    g = torch.Generator().manual_seed(3)   # the maps in the order the table draws them
+    rows = iter(t["rows"])
+    for blur in blurs:
+        for name in names:
+            ws = [inj.weights_of(name, tok, tok) for tok in
+                  (loc.smooth_map_tokens(4, 4, blur, g) for _ in range(2))]
+            row = next(rows)
+            assert (row["attention"], row["blur"]) == (name, blur)
+            assert row["self"] == pytest.approx(sum(float(w.diagonal()[1:].mean()) for w in ws) / 2, abs=1e-12)
+            for win in loc.WINDOWS:   # patch queries only: the class token's row and column left out
+                mean = sum(float(loc.local_attention_mass(w, win).mean()) for w in ws) / 2
+                assert row["mass"][win] == pytest.approx(mean, abs=1e-12), (name, blur, win)
+
+
+def test_demo_helpers_default_to_the_demo():
+    import inspect
+    defaults = lambda f: {k: p.default for k, p in inspect.signature(f).parameters.items()}  # noqa: E731
+    # DeiT at 224 px: a 14 x 14 grid, head dimension 32, 8 maps; query_maps: image-like maps (blur 4)
+    assert {k: defaults(loc.local_mass_table)[k] for k in ("side", "dim", "samples")} == \
+        {"side": 14, "dim": 32, "samples": 8}
+    assert {k: defaults(loc.query_maps)[k] for k in ("side", "dim", "blur")} == {"side": 14, "dim": 32, "blur": 4}
+    assert loc.query_maps(side=5, dim=4, blur=1)["query"] == (2, 2)   # the centre by default

@@ -540,3 +540,54 @@ def test_fast_forward_keeps_the_official_parameters():
     inline = loc.InLineAttention(192, num_heads=6)
     extra = sum(p.numel() for p in m.parameters()) - sum(p.numel() for p in inline.parameters())
     assert extra == 192 * 192 + 192  # the gate Linear only
+
+
+# ----------------------------------------------------------------------------------------------
+# mistakes the tests above let through (tools/mutants.py): each test names the one it catches
+
+
+def test_numerical_rank_is_relative_strict_and_its_default_tolerance():
+    diag = lambda *s: torch.diag(torch.tensor(s, dtype=torch.float64))  # noqa: E731  exact svdvals
+    # relative to the largest: the same matrix x 1e-4 keeps its rank (an absolute 1e-3 would drop it)
+    assert int(ra.numerical_rank(1e-4 * diag(5.0, 3.0, 1.0, 0.0))) == 3
+    assert int(ra.numerical_rank(1e4 * diag(5.0, 3.0, 1.0, 0.0))) == 3
+    assert int(ra.numerical_rank(diag(1.0, 1.5e-3, 7e-4))) == 2    # default rtol 1e-3, neither 2e-3 nor 5e-4
+    assert int(ra.numerical_rank(diag(2.0, 1.0), rtol=0.5)) == 1   # "above" rtol * largest: 1 is not
+
+
+def test_module_weights_are_their_formulas_and_what_attend_applies():
+    # weights times the identity are the weights: the explicit outputs above with v = I give them
+    x = rand(2, 17, 24, seed=35)
+    eye = torch.eye(17, dtype=torch.float64).expand(2, 3, 17, 17)
+    for cls, explicit in [(ra.RALAttention, lambda q, k: explicit_rala(q, k, eye, 8 ** -0.5)),
+                          (ra.RankAugmentedInLineAttention,   # s = head_dim**-0.5 / N
+                           lambda q, k: explicit_final_attend(q, k, eye, 8 ** -0.5, 8 ** -0.5 / 17))]:
+        torch.manual_seed(0)
+        m = cls(24, num_heads=3).double()
+        q, k, v = m.split_heads(x)
+        w = m.attention_weights(x)
+        assert_close(w, explicit(q, k).detach(), f"{cls.__name__}.attention_weights: its formula", atol=1e-12)
+        assert_close(w @ v, m.attend(q, k, v), f"{cls.__name__}: attend = attention_weights @ v", atol=1e-12)
+        assert cls(64).num_heads == 8   # timm's default, as every step
+
+
+def test_rala_token_weights_scale():
+    fq, fk = elu1(rand(1, 2, 9, 4, seed=36)), elu1(rand(1, 2, 9, 4, seed=37))
+    for scale in (None, 0.3):
+        a = ra.rala_token_weights(fq, fk, scale)
+        for h in range(2):
+            assert torch.allclose(a[0, h], explicit_alpha(fq[0, h], fk[0, h], scale or 4 ** -0.5), atol=1e-12)
+
+
+def test_table_2_rows_are_the_step_functions_with_the_modules_scales():
+    sm, la = load("01_softmax_attention"), load("02_linear_attention")
+    q, k, v = rand(1, 1, 12, 4, seed=38), rand(1, 1, 12, 4, seed=39), rand(1, 1, 12, 4, seed=40)
+    heads = ra.head_output_ranks({"scene": (q, k, v)}, 1e-3)
+    expected = {"softmax": sm.softmax_attention(q, k, v),
+                "linear (ELU+1)": la.linear_attention(q, k, v, "elu"),
+                "InLine": inj.inline_attention(q, k, v, scale=4 ** -0.5 / 12),   # d**-0.5 / N
+                "RALA": ra.rala_attention(q, k, v)}
+    assert list(heads) == list(expected)
+    for name, out in expected.items():
+        assert_close(heads[name]["scene"]["singular_values"], torch.linalg.svdvals(out[0, 0]),
+                     f"table 2, {name}: the singular values of its N x d output", atol=1e-12)
