@@ -325,6 +325,7 @@ def test_demo_compares_the_queries_it_says(monkeypatch):
                                       "q vs q_neg": float((w[0] - w[2]).abs().max())}, name
     (_, phi, w_ab), (_, _, w_sm) = calls[len(inj.NAMES):]
     assert_close(phi[1], 2 * phi[0], "phi(q') = 2 phi(q)", atol=1e-12)
+    assert (phi > 0).all(), "ReLU(A x + b) = A x + b on these queries: not a ReLU that zeroes them"
     assert col["relu_ab"]["linear"] == float((w_ab[0] - w_ab[1]).abs().max())
     assert col["relu_ab"]["softmax"] == float((w_sm[0] - w_sm[1]).abs().max()) > 1e-2
     calls.clear()

@@ -1,6 +1,6 @@
 """Tables and plots over runs of step 06, and the demo's ablation.
 
-    python tools/runs.py ablation                     # every row below x 3 seeds: about an hour
+    python tools/runs.py ablation                     # 9 rows x 3 seeds of the 5-epoch demo
     python tools/runs.py ablation --quick             # one seed of 06 --quick: a few minutes
     python tools/runs.py table runs/demo-*            # markdown: top-1 mean +- std over seeds
     python tools/runs.py plot runs/demo-* --out figures/training_curves.png
