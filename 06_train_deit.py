@@ -7,28 +7,23 @@ The model is timm's VisionTransformer (ViT; DeiT, Touvron et al.) with the steps
     x = x + drop_path(mlp(norm2(x)))                         mlp = fc2(GELU(fc1(x))), 4C wide
     logits = head(norm(x)[:, 0])                             the class token classifies
 
-Names, shapes and initialisation follow timm: deit_tiny(attn="softmax") is timm's
-deit_tiny_patch16_224 (5,717,416 parameters; its checkpoint loads strictly), deit_tiny(attn=
-"inline") the official InLine-DeiT-T (6,477,736). The default, --attn final, is this course's own
-combination of InLine and RALA (step 05), proposed and trained by neither paper.
+Names, shapes, initialisation and defaults (DeiT-T's) follow timm: VisionTransformer(attn=
+"softmax") is timm's deit_tiny_patch16_224 (5,717,416 parameters; its checkpoint loads strictly),
+attn="inline" the official InLine-DeiT-T (6,477,736). The default, --attn final, is this course's
+own combination of InLine and RALA (step 05), proposed and trained by neither paper.
 
-The recipe (--recipe inline, the default) is the one the InLine paper used for DeiT-T:
-    300 epochs; one cosine, set every update, from 5e-4 per 512 images to 5e-6, its first 20
-        epochs replaced by a linear warm-up from 5e-7 (all three scaled by global batch / 512)
-    AdamW (0.9, 0.999), weight decay 0.05 (not on norms, biases, pos_embed, cls_token), label
-        smoothing 0.1, drop-path 0.1 (rising over depth), grad-norm clip 5.0
-    RandomResizedCrop 224 (bicubic), flip, RandAugment (m9), RandomErasing 0.25, MixUp 0.8 or
-        CutMix 1.0; evaluation in float32: resize to 256 x 256, centre crop 224
-InLine-DeiT-T reached 74.5% top-1 so, on 8 GPUs x 512 images: on fewer, --accum-steps keeps the
-global batch. --recipe deit is DeiT's own (4 GPUs x 256 images, repeated augmentation).
+The recipe (--recipe inline, the default) is the one of InLine-DeiT-T (74.5% top-1, 8 GPUs x 512
+images; on fewer, --accum-steps keeps the global batch): 300 epochs of AdamW, weight decay 0.05,
+one cosine set every update from 5e-4 per 512 images to 5e-6, its first 20 epochs a linear warm-up
+from 5e-7; label smoothing 0.1, drop-path 0.1, grad-norm clip 5.0; RandomResizedCrop, flip,
+RandAugment, RandomErasing, MixUp or CutMix; evaluation in float32. --recipe deit is DeiT's own.
 
     python 06_train_deit.py                                # the CPU demo: synthetic tiles
     python 06_train_deit.py --data cifar10                 # CIFAR-10, downloaded into ./data
     python 06_train_deit.py --data-path /data/imagenet     # one GPU
     torchrun --nproc_per_node 8 06_train_deit.py --data-path /data/imagenet
-Every epoch goes to OUTPUT/checkpoint.pth (atomically, its SHA-256 beside it: a damaged file is
-refused), the best epoch's weights to best.pth, a line per epoch to log.jsonl. The same command
-again resumes exactly where a run stopped; --fresh starts afresh. Measuring is in tools/.
+Each epoch ends in OUTPUT/checkpoint.pth (atomic, its SHA-256 beside it), best.pth and log.jsonl;
+the same command resumes a stopped run exactly, --fresh starts afresh. Measuring is in tools/.
 """
 import argparse
 import contextlib
@@ -78,8 +73,7 @@ class Block(nn.Module):
 
 
 class VisionTransformer(nn.Module):
-    """ViT / DeiT with the attention `attn` (a name in ATTENTIONS, or a class). num_heads=None:
-    3 for softmax (timm's 64 channels a head), 6 for the linear kinds (InLine's 32)."""
+    """ViT / DeiT with `attn` (a name in ATTENTIONS, or a class); num_heads: SETTINGS says."""
 
     def __init__(self, img_size=224, patch_size=16, num_classes=1000, embed_dim=192, depth=12,
                  num_heads=None, drop_path_rate=0.1, attn="final"):
@@ -88,8 +82,7 @@ class VisionTransformer(nn.Module):
             raise ValueError(f"unknown attention {attn!r}; choose from {', '.join(ATTENTIONS)}")
         self.num_heads = num_heads or (3 if attn == "softmax" else 6)
         if img_size < patch_size or img_size % patch_size:
-            raise ValueError(f"img_size={img_size} is not divisible by patch_size={patch_size}: "
-                             f"the image must be a whole number of patches")
+            raise ValueError(f"img_size={img_size} is not divisible by patch_size={patch_size}")
         self.grid = img_size // patch_size  # grid x grid patches, each to C channels (a conv)
         self.patch_embed = nn.ModuleDict({"proj": nn.Conv2d(3, embed_dim, patch_size, patch_size)})
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
@@ -115,12 +108,7 @@ class VisionTransformer(nn.Module):
         return self.head(x[:, 0])                                       # (B, num_classes)
 
 
-def deit_tiny(attn="final", **kw):  # DeiT-T: 192 channels, 12 blocks, patch 16 at 224 px
-    return VisionTransformer(**{"embed_dim": 192, "depth": 12, **kw}, attn=attn)
-
-
-def model_label(args):
-    """'final', or 'final-no-gate' etc. when parts of the attention are switched off."""
+def model_label(args):  # 'final', or 'final-no-gate' etc. with parts switched off
     return args.attn + "".join(f"-no-{p}" for p in args.no)
 
 
@@ -137,11 +125,6 @@ def build_model(args, num_classes):
 
 
 # ---- weights: ours (a digest beside them), timm's, the official InLine ones ----------------
-def file_sha256(path):
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-
 def read_checkpoint(path):
     """torch.load(weights_only=True): data, never code; it must match PATH.sha256 if there is
     one. The yacs config of the official InLine checkpoints is read as a plain OrderedDict."""
@@ -149,7 +132,9 @@ def read_checkpoint(path):
         raise UserError(f"checkpoint {path} does not exist")
     sums = [open(f).read()[:64] for f in (path + ".sha256", path + ".sha256.tmp")
             if os.path.isfile(f)]  # .tmp: the run stopped between save_checkpoint's two renames
-    if sums and file_sha256(path) not in sums:
+    with open(path, "rb") as f:
+        digest = hashlib.file_digest(f, "sha256").hexdigest()
+    if sums and digest not in sums:
         raise UserError(f"checkpoint {path} is damaged: it does not match the SHA-256 in "
                         f"{path}.sha256; use an intact copy, or start afresh (--fresh)")
     try:
@@ -181,14 +166,13 @@ def load_weights(model, sd, path):
 
 
 # ---- data: synthetic tiles for the CPU demo; ImageNet folders; CIFAR -----------------------
-def synthetic_tiles(n, img_size=32, patch=4, noise=1.5, seed=0):
+def synthetic_tiles(n, img_size=32, patch=4, noise=2.0, seed=0):
     """The demo task: n images (uint8 (n, 3, S, S)) and labels (n,). Each image is a grid of tiles
-    of 2 x 2 patches; each patch shows one of two fixed textures (a bit), and one tile is tinted
-    red. The label is the red tile's four bits (16 classes; chance 6.25%). Reading it needs what
-    the papers are about: the class token must single out one tile by its content (injective
-    weights), each patch must be read with its neighbours in the tile (local modeling), and the
-    64 patches at 32 px each carry a bit a low-rank summary can lose (rank). The pixel noise
-    makes some bits unreadable: no model reaches 100%."""
+    of 2 x 2 patches, each patch one of two textures (a bit); one tile is tinted red, and the label
+    is its four bits (16 classes, chance 6.25%). The class token must single out that tile by its
+    content (injective weights) and read each patch with its tile's neighbours (local modeling),
+    among 64 patches of a bit each (rank); README's ablation shows which of these matter. Noise
+    hides some bits: at 2.0 an ideal reader gets 96% (tools/runs.py ceiling)."""
     g, t = torch.Generator().manual_seed(seed), img_size // (2 * patch)       # t x t tiles
     textures = torch.randint(2, (2, patch, patch), generator=torch.Generator().manual_seed(1))
     bits = torch.randint(2, (n, t, t, 2, 2), generator=g)                      # a bit a patch
@@ -198,18 +182,18 @@ def synthetic_tiles(n, img_size=32, patch=4, noise=1.5, seed=0):
     tile = nn.functional.one_hot(red, t * t).view(n, t, 1, t, 1).float()
     img[:, 0] += 2 * tile.expand(n, t, 2 * patch, t, 2 * patch).reshape(n, img_size, img_size)
     y = bits.view(n, t * t, 4)[torch.arange(n), red] @ torch.tensor([8, 4, 2, 1])  # (n,)
+    if noise is None:  # the clean float image, for tools/runs.py ceiling
+        return img, y
     img = img + noise * torch.randn(img.shape, generator=g)
     return ((img * 0.25 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8), y
 
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # ImageNet's; both codebases, all data
-LAYOUT = ("expected --data-path DIR holding train/ and val/ with one sub-folder of images per "
-          "class each, e.g. DIR/train/n01440764/x.JPEG and DIR/val/n01440764/y.JPEG")
+LAYOUT = "expected --data-path DIR holding train/ and val/ with one sub-folder of images per class"
 
 
 def transforms(args):
-    """(train, eval) transforms by timm, as both codebases: RandomResizedCrop (32 px: RandomCrop,
-    padding 4), flip, RandAugment, RandomErasing; resize to S / 0.875, centre crop."""
+    """(train, eval) transforms by timm, as both codebases (at 32 px a padded RandomCrop)."""
     from timm.data import create_transform
     from torchvision.transforms import RandomCrop
     train = create_transform(args.img_size, is_training=True, color_jitter=0.4,
@@ -258,6 +242,25 @@ def make_data(args):
     return train, val, train.classes, mix if args.mixup > 0 or args.cutmix > 0 else None
 
 
+class SeedEachImage(torch.utils.data.Dataset):
+    """Training set and sampler in one: yields (epoch, index), augments image index with the seed
+    (run seed, epoch, index). Persistent workers keep their RNG; this keeps resume exact."""
+    def __init__(self, dataset, sampler, seed):
+        self.dataset, self.sampler, self.seed = dataset, sampler, seed
+        self.set_epoch = sampler.set_epoch  # the sampler keeps the epoch
+
+    def __len__(self):
+        return len(self.sampler)
+
+    def __iter__(self):                                                 # the sampler's part
+        return ((self.sampler.epoch, i) for i in self.sampler)
+
+    def __getitem__(self, key):                                         # in a worker process
+        seed = (self.seed * 10 ** 4 + key[0]) * 10 ** 8 + key[1]
+        random.seed(seed), np.random.seed(seed % 2 ** 32), torch.manual_seed(seed)  # all used
+        return self.dataset[key[1]]
+
+
 def make_loaders(train_set, val_set, args, rank, world, device):
     """Each process reads its 1/world of each epoch (shuffled by seed and epoch) and of val."""
     if args.repeated_aug > 1:  # timm's copy of DeiT's RASampler, shuffled by epoch only as DeiT's
@@ -265,8 +268,10 @@ def make_loaders(train_set, val_set, args, rank, world, device):
         sampler = RepeatAugSampler(train_set, world, rank, num_repeats=args.repeated_aug)
     else:
         sampler = DistributedSampler(train_set, world, rank, seed=args.seed, drop_last=True)
+    if args.workers > 0:  # workers kept from epoch to epoch; without, train() seeds each epoch
+        train_set = sampler = SeedEachImage(train_set, sampler, args.seed)
     kw = dict(batch_size=args.batch_size, num_workers=args.workers,
-              pin_memory=device.type == "cuda")
+              pin_memory=device.type == "cuda", persistent_workers=args.workers > 0)
     return (DataLoader(train_set, sampler=sampler, drop_last=True, **kw),
             DataLoader(Subset(val_set, range(rank, len(val_set), world)), **kw))
 
@@ -275,7 +280,7 @@ def make_loaders(train_set, val_set, args, rank, world, device):
 # Each is a flag (img_size: --img-size); ImageNet's defaults, None filled in by the dicts below
 SETTINGS = dict(
     # data: demo (without --data-path), imagenet (at --data-path), cifar10 / cifar100 (./data)
-    data=None, data_path=None, demo_train=10000, demo_val=2000, demo_noise=1.5, quick=False,
+    data=None, data_path=None, demo_train=10000, demo_val=2000, demo_noise=2.0, quick=False,
     # the model: the attention of every block, parts of it switched off (--no gate local),
     # num_heads 0: 3 for softmax (timm's DeiT-T), 6 for the linear kinds (InLine's)
     attn="final", no=[], num_heads=0, img_size=224,
@@ -306,15 +311,14 @@ DEMO = dict(img_size=32, patch_size=4, embed_dim=96, depth=4, epochs=5, warmup_e
             scale_lr="peak", repeated_aug=0)
 QUICK = dict(demo_train=4000, demo_val=1000, epochs=3)  # --quick: about 30 s a run
 DATASETS = {"demo": DEMO, "imagenet": {}, "cifar10": CIFAR, "cifar100": CIFAR}
-CHOICES = dict(data=DATASETS, attn=ATTENTIONS, recipe=RECIPES, scale_lr=("all", "peak"),
-               eval_resize=("square", "shorter"), device=("cuda", "cpu"),
-               amp=("bf16", "fp16", "none"))
+CHOICES = dict(data=DATASETS, attn=ATTENTIONS, recipe=RECIPES, scale_lr=("all", "peak"), amp=(
+    "bf16", "fp16", "none"), eval_resize=("square", "shorter"), device=("cuda", "cpu"))
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description="Train DeiT-T with the course's attention (no --data-"
-                                "path: the CPU demo). SETTINGS in this file says what each flag "
-                                "is.", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                                description="Train DeiT-T with the course's attention (no --data"
+                                "-path: the CPU demo). SETTINGS in this file tells each flag.")
     for k, v in SETTINGS.items():
         flag, doc = "--" + k.replace("_", "-"), f"SETTINGS[{k!r}]"  # a help: with its default
         if isinstance(v, bool):
@@ -335,11 +339,13 @@ def get_args(argv=None):
                      (data == "demo" and args.data_path, "--data demo makes its own images"),
                      (data == "imagenet" and not args.data_path, f"--data imagenet: {LAYOUT}"),
                      (args.quick and data != "demo", "--quick shortens the demo only"),
+                     (args.eval_only and not (args.resume or args.pretrained),
+                      "--eval-only needs weights: --pretrained PATH or --resume PATH"),
                      (min(args.accum_steps, args.check_every) < 1, "steps must be at least 1")]:
         if bad:
             p.error(why)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    workers = max(1, min(8, cores // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))  # shared
+    workers = max(1, min(16, cores // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))  # shared
     p.set_defaults(**{"workers": workers, **RECIPES[args.recipe], **DATASETS[data],
                       **(QUICK if args.quick else {})})
     args = p.parse_args(argv)  # again: flags given on the command line win over the dicts
@@ -360,9 +366,8 @@ def make_optimizer(model, args, device):
 
 
 def lr_schedule(args, global_batch, steps_per_epoch):
-    """lr_of(update): the lr of each update (from 0) as timm's CosineLRScheduler(t_initial=all
-    updates, lr_min, warmup_t=warm-up updates, warmup_lr_init) sets it: one cosine over the whole
-    run, its start replaced by a linear warm-up; lrs scaled by global batch / 512."""
+    """lr_of(update from 0) as timm's CosineLRScheduler(t_initial=all updates, lr_min, warmup_t,
+    warmup_lr_init) sets it: one cosine over the run, its start a linear warm-up; x batch / 512."""
     s = global_batch / 512
     t = s if args.scale_lr == "all" else 1.0  # warm-up and final lr scaled too (InLine) or not
     peak, warmup_lr, min_lr = args.lr * s, args.warmup_lr * t, args.min_lr * t
@@ -389,14 +394,15 @@ def all_reduce(t):
 
 def train_one_epoch(model, loader, criterion, optimizer, scaler, mix, device, args, lr_of,
                     epoch=1, rank=0):
-    """One epoch (from 1), an update every args.accum_steps steps; the mean loss. No step waits
-    for the GPU: the loss sum stays there, checked for NaN every --check-every steps."""
+    """One epoch (from 1), an update every --accum-steps steps: (mean loss, seconds waiting for
+    data). No step waits for the GPU: the loss sum stays there, checked every --check-every."""
     model.train()
     accum, updates = args.accum_steps, len(loader) // args.accum_steps  # a partial one dropped
-    loss_sum, seen = torch.zeros((), device=device), 0
+    loss_sum, seen, waited, t = torch.zeros((), device=device), 0, 0.0, time.perf_counter()
     bar = tqdm(loader, desc=f"epoch {epoch}", total=updates * accum, leave=False,
                disable=(rank != 0) or None, dynamic_ncols=True)         # None: only on a terminal
     for step, (images, targets) in zip(range(updates * accum), bar):
+        waited += time.perf_counter() - t                               # for the data loader
         if step % accum == 0:
             for group in optimizer.param_groups:
                 group["lr"] = lr_of((epoch - 1) * updates + step // accum)
@@ -423,11 +429,11 @@ def train_one_epoch(model, loader, criterion, optimizer, scaler, mix, device, ar
             total = all_reduce(loss_sum.clone()).item()  # collective: all processes stop together
             if not math.isfinite(total):
                 raise UserError(f"loss is {total} in epoch {epoch} by step {step + 1}: stopped; "
-                                f"the last good checkpoint is kept. Try a lower --lr, or --amp "
-                                f"none")
+                                f"the last good checkpoint is kept. Try a lower --lr, --amp none")
             bar.set_postfix(loss=f"{loss_sum.item() / seen:.3f}", lr=f"{group['lr']:.2e}")
+        t = time.perf_counter()
     bar.close()  # the last step's look summed the loss over all processes, each saw `seen`
-    return total / (seen * (dist.get_world_size() if dist.is_initialized() else 1))
+    return total / (seen * (dist.get_world_size() if dist.is_initialized() else 1)), waited
 
 
 @torch.no_grad()
@@ -448,32 +454,16 @@ def evaluate(model, loader, device, rank=0):
 def save_checkpoint(obj, path):
     """Write PATH.tmp, flush it to disk, rename it over PATH (a crash leaves the old file or the
     new, never half of one), then PATH.sha256 in sha256sum's format (`sha256sum -c` checks it)."""
-    with open(path + ".tmp", "wb") as f:
+    with open(path + ".tmp", "w+b") as f:
         torch.save(obj, f)
         f.flush()
         os.fsync(f.fileno())
-    digest = file_sha256(path + ".tmp")
+        f.seek(0)  # and read it back for its digest
+        digest = hashlib.file_digest(f, "sha256").hexdigest()
     os.replace(path + ".tmp", path)
     with open(path + ".sha256.tmp", "w") as f:
         f.write(f"{digest}  {os.path.basename(path)}\n")
     os.replace(path + ".sha256.tmp", path + ".sha256")
-
-
-def read_run_checkpoint(path, model, args):
-    """A checkpoint of this script, made with the flags that make this model."""
-    ckpt = read_checkpoint(path)
-    if not {"model", "optimizer", "args", "log"} <= set(ckpt):
-        raise UserError(f"{path} is not a training checkpoint of this script: start afresh "
-                        f"(--fresh, or another --output), or from its weights (--pretrained)")
-    changed = [f"--{k.replace('_', '-')} {ckpt['args'].get(k)} then, {getattr(args, k)} now"
-               for k in ("data", "attn", "no", "img_size", "patch_size", "embed_dim", "depth",
-                         "num_heads", "drop_path") if ckpt["args"].get(k) != getattr(args, k)]
-    if changed:
-        raise UserError(f"the model changed since the run in {path} ({', '.join(changed)}): "
-                        f"give that run's flags, add --fresh (it overwrites that run), or choose "
-                        f"another --output")
-    load_weights(model, ckpt, path)
-    return ckpt
 
 
 # ---- main: processes and devices, resume, the loop over epochs -----------------------------
@@ -487,6 +477,7 @@ def setup_distributed(device=None):
     if cuda:
         torch.cuda.set_device(device)
         torch.set_float32_matmul_precision("high")  # TF32 for what runs outside autocast
+        torch.backends.cudnn.benchmark = True  # convolutions: the fastest algorithm, timed once
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if cuda else "gloo")
     return rank, world, device
@@ -505,7 +496,18 @@ def train(args):
     if world > 1:  # rank 0's disk decides: all resume or none, with or without a shared disk
         dist.broadcast_object_list(auto)
     auto, resume = auto[0], args.resume or (ckpt_path if auto[0] else None)
-    ckpt = read_run_checkpoint(resume, model, args) if resume else None
+    ckpt = read_checkpoint(resume) if resume else None
+    if ckpt is not None:  # a training checkpoint of this script, of this very model
+        if not {"model", "optimizer", "args", "log"} <= set(ckpt):
+            raise UserError(f"{resume} is not a training checkpoint of this script: start afresh"
+                            f" (--fresh, or another --output), or from its weights (--pretrained)")
+        changed = [f"--{k.replace('_', '-')} {ckpt['args'].get(k)} then, {getattr(args, k)} now"
+                   for k in ("data", "attn", "no", "img_size", "patch_size", "embed_dim", "depth",
+                             "num_heads", "drop_path") if ckpt["args"].get(k) != getattr(args, k)]
+        if changed:
+            raise UserError(f"the model changed since the run in {resume} ({', '.join(changed)}):"
+                            f" give its flags, or --fresh (overwriting it), or another --output")
+        load_weights(model, ckpt, resume)
     if args.pretrained and not resume:
         load_weights(model, read_checkpoint(args.pretrained), args.pretrained)
     model = model.to(device)
@@ -516,8 +518,6 @@ def train(args):
             train_model, device_ids=[device.index] if device.type == "cuda" else None)
     train_loader, val_loader = make_loaders(train_set, val_set, args, rank, world, device)
     if args.eval_only:
-        if not (resume or args.pretrained):
-            raise UserError("--eval-only needs weights: --pretrained PATH or --resume PATH")
         top1, top5 = evaluate(eval_model, val_loader, device, rank)
         log(f"{resume or args.pretrained}: top-1 {top1:.2f}%  top-5 {top5:.2f}%  "
             f"({len(val_set)} images at {args.img_size} px)")
@@ -550,14 +550,14 @@ def train(args):
         seed = args.seed + 1000 * epoch + rank  # drop-path, augmentation: a resumed run
         torch.manual_seed(seed), random.seed(seed), np.random.seed(seed)  # draws the same
         t0 = time.time()
-        loss = train_one_epoch(train_model, train_loader, criterion, optimizer, scaler, mix,
-                               device, args, lr_of, epoch, rank)
+        loss, waited = train_one_epoch(train_model, train_loader, criterion, optimizer, scaler,
+                                       mix, device, args, lr_of, epoch, rank)
         train_s = time.time() - t0
         top1, top5 = evaluate(eval_model, val_loader, device, rank)
         best = max([top1] + [r["top1"] for r in history])
         history.append({"epoch": epoch, "loss": loss, "lr": optimizer.param_groups[0]["lr"],
                         "top1": top1, "top5": top5, "best_top1": best, "train_s": train_s,
-                        "images_per_s": steps * global_batch / train_s,
+                        "images_per_s": steps * global_batch / train_s, "data_wait_s": waited,
                         "time_s": time.time() - t0})
         if rank == 0:
             save_checkpoint({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
@@ -569,25 +569,25 @@ def train(args):
             with open(os.path.join(args.output, "log.jsonl"), "w") as f:
                 f.writelines(json.dumps(r) + "\n" for r in history)
         log("epoch {epoch}/{n} | loss {loss:.4f} | lr {lr:.2e} | top-1 {top1:.2f}% top-5 "
-            "{top5:.2f}% | {images_per_s:.0f} img/s".format(n=args.epochs, **history[-1]))
+            "{top5:.2f}% | {images_per_s:.0f} img/s | waited {data_wait_s:.0f} of {train_s:.0f}"
+            " s for data".format(n=args.epochs, **history[-1]))
     best = max([r["top1"] for r in history], default=0.0)
     log(f"best top-1 {best:.2f}% of {len(history)} epochs; checkpoints, log in {args.output}")
     return {"best_top1": best, **{k: history[-1][k] for k in ("top1", "top5") if history}}
 
 
 def main(argv=None):
-    args = get_args(argv)
+    args, rank = get_args(argv), int(os.environ.get("RANK", 0))
     try:
         return train(args)
     except (UserError, OSError) as e:  # OSError: an image or disk; from a DataLoader worker
-        rank = int(os.environ.get("RANK", 0))  # with its traceback in the message: the last line
-        sys.exit(f"error{f' (rank {rank})' * (rank > 0)}: "
+        sys.exit(f"error{f' (rank {rank})' * (rank > 0)}: "  # a worker's traceback: its last line
                  + str(e).strip().splitlines()[-1].split("UserError: ")[-1])
     except ModuleNotFoundError as e:  # timm, torchvision: needed for real data only
         sys.exit(f"error: this needs {e.name.split('.')[0]}: pip install -r requirements.txt")
     except KeyboardInterrupt:  # Ctrl-C: one line, where the last checkpoint is
         ckpt = os.path.join(args.output, "checkpoint.pth")  # saved after every epoch
-        if int(os.environ.get("RANK", 0)) == 0:
+        if rank == 0:
             print(f"interrupted: the same command resumes from {ckpt}" if os.path.exists(ckpt)
                   else "interrupted before the first checkpoint (after epoch 1)", file=sys.stderr)
         sys.exit(130)

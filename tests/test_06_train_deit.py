@@ -115,11 +115,11 @@ def timm_deit_tiny():
 
 def test_softmax_deit_tiny_is_timms_deit_tiny(timm_deit_tiny):
     ref = timm_deit_tiny
-    model = deit.deit_tiny(attn="softmax", num_heads=3)
+    model = deit.VisionTransformer(attn="softmax", num_heads=3)
     assert [(k, v.shape) for k, v in model.state_dict().items()] == \
         [(k, v.shape) for k, v in ref.state_dict().items()]          # key for key, in order
     assert sum(p.numel() for p in model.parameters()) == 5_717_416
-    assert deit.deit_tiny(attn="softmax").num_heads == 3              # the default for softmax
+    assert deit.VisionTransformer(attn="softmax").num_heads == 3      # the default for softmax
     ref = copy.deepcopy(ref).double().eval()
     torch.manual_seed(0)
     with torch.no_grad():  # norms away from 1 / 0, so eps and the affine terms matter
@@ -137,13 +137,14 @@ def test_softmax_deit_tiny_is_timms_deit_tiny(timm_deit_tiny):
 
 
 def test_inline_deit_tiny_is_the_official_count(timm_deit_tiny):
-    model = deit.deit_tiny(attn="inline", num_heads=6)
+    model = deit.VisionTransformer(attn="inline", num_heads=6)
     assert sum(p.numel() for p in model.parameters()) == 6_477_736
     keys, timm_keys = set(model.state_dict()), set(timm_deit_tiny.state_dict())
     assert keys >= timm_keys  # every timm name, plus the local residual
     assert keys - timm_keys == {f"blocks.{i}.attn.residual.{j}.{p}" for i in range(12)
                                 for j in (0, 2) for p in ("weight", "bias")}
-    assert deit.deit_tiny(attn="inline").num_heads == 6 and deit.deit_tiny().num_heads == 6
+    assert deit.VisionTransformer(attn="inline").num_heads == 6
+    assert deit.VisionTransformer().num_heads == 6
 
 
 def test_attentions_registry_and_every_parameter_learns():
@@ -165,7 +166,7 @@ def test_attentions_registry_and_every_parameter_learns():
 
 def test_timm_initialisation_and_drop_path_schedule():
     torch.manual_seed(0)
-    model = deit.deit_tiny(attn="final")
+    model = deit.VisionTransformer(attn="final")
     for name, m in model.named_modules():
         if isinstance(m, nn.Linear):
             assert m.bias is None or (m.bias == 0).all(), name
@@ -192,7 +193,7 @@ def test_model_errors():
     with pytest.raises(ValueError, match="unknown attention 'flash'"):
         deit.VisionTransformer(attn="flash")
     with pytest.raises(ValueError, match="num_heads=5"):
-        deit.deit_tiny(num_heads=5)
+        deit.VisionTransformer(num_heads=5)
     # build_model names the flags (and the dataset that chose them) in a UserError
     patch = deit.DATASETS["demo"]["patch_size"]
     args = deit.get_args(["--img-size", str(3 * patch + 1)])
@@ -396,7 +397,8 @@ def test_training_checkpoint_log_and_best_epoch(tmp_path, monkeypatch):
     assert ckpt["log"] == log                                       # the lines of log.jsonl
     assert [r["epoch"] for r in log] == [1, 2, 3] and [r["top1"] for r in log] == [50, 70, 60]
     assert [r["best_top1"] for r in log] == [50, 70, 70]
-    assert {"loss", "lr", "top5", "train_s", "images_per_s", "time_s"} <= set(log[0])
+    assert {"loss", "lr", "top5", "train_s", "images_per_s", "data_wait_s", "time_s"} <= set(log[0])
+    assert 0 <= log[0]["data_wait_s"] <= log[0]["train_s"]
     assert ckpt["args"]["attn"] == "final" and ckpt["args"]["epochs"] == 3
     assert all(torch.equal(v, saved[-1][1][k]) for k, v in ckpt["model"].items())
     best = deit.read_checkpoint(os.path.join(out, "best.pth"))
@@ -456,7 +458,7 @@ def test_resume_after_ctrl_c_is_bit_identical(tmp_path, capsys, monkeypatch):
             if line.startswith("epoch ")] == ["epoch 2/3", "epoch 3/3"]
     a, b = weights(f"{straight}/checkpoint.pth"), weights(ckpt)
     assert all(torch.equal(a[k], b[k]) for k in a)       # drop-path, shuffle: the same numbers
-    timing = ("train_s", "images_per_s", "time_s")
+    timing = ("train_s", "images_per_s", "data_wait_s", "time_s")
     la, lb = ([{k: v for k, v in r.items() if k not in timing} for r in log_of(run)]
               for run in (straight, split))
     assert la == lb and [r["epoch"] for r in lb] == [1, 2, 3]
@@ -672,10 +674,10 @@ def test_gradient_accumulation_equals_one_big_batch_and_clips_the_sum():
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     big, opt_big = sgd_copy(model)
     loss_big = deit.train_one_epoch(big, [(x, y)], criterion, opt_big, scaler, None, CPU,
-                                    loop_args(), lambda u: 1.0)
+                                    loop_args(), lambda u: 1.0)[0]
     acc, opt_acc = sgd_copy(model)  # 2 steps of 4 accumulated into one update
     loss_acc = deit.train_one_epoch(acc, [(x[:4], y[:4]), (x[4:], y[4:])], criterion, opt_acc,
-                                    scaler, None, CPU, loop_args(accum_steps=2), lambda u: 1.0)
+                                    scaler, None, CPU, loop_args(accum_steps=2), lambda u: 1.0)[0]
     assert loss_acc == pytest.approx(loss_big, rel=1e-6)       # the mean over all 8 images
     moved = 0.0
     for (k, p0), p1, p2 in zip(model.named_parameters(), big.parameters(), acc.parameters()):
@@ -707,7 +709,7 @@ def test_a_few_steps_of_training_lower_the_loss():
     opt = deit.make_optimizer(model, opt_args(lr=2e-3), CPU)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     losses = [deit.train_one_epoch(model, [batch], nn.CrossEntropyLoss(), opt, scaler, None, CPU,
-                                   loop_args(clip_grad=5.0), lambda u: 2e-3, epoch=e + 1)
+                                   loop_args(clip_grad=5.0), lambda u: 2e-3, epoch=e + 1)[0]
               for e in range(30)]
     assert losses[0] > 2.0                                  # ~ln(10) at the start
     assert losses[-1] < losses[15] < losses[0]
@@ -785,7 +787,7 @@ def test_nan_between_checks_is_found_with_its_steps():
         one_epoch(12, check_every=4, poison_at=5)          # seen at the look after step 8
     with pytest.raises(deit.UserError, match=r"loss is nan in epoch 3 by step 3"):
         one_epoch(3, check_every=1000, poison_at=2)        # seen at the epoch's end
-    assert math.isfinite(one_epoch(3, check_every=1))
+    assert math.isfinite(one_epoch(3, check_every=1)[0])
 
 
 def test_nan_in_a_run_keeps_the_last_good_checkpoint(one_epoch_run, tmp_path, monkeypatch):
@@ -820,7 +822,7 @@ def train_steps(run, model, batch, args, steps=8):
     opt = deit.make_optimizer(model, opt_args(lr=3e-3), CPU)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     losses = [deit.train_one_epoch(run, [batch], nn.CrossEntropyLoss(), opt, scaler, None, CPU,
-                                   args, lambda u: 3e-3, epoch=e + 1) for e in range(steps)]
+                                   args, lambda u: 3e-3, epoch=e + 1)[0] for e in range(steps)]
     return losses, deit.evaluate(run, [batch], CPU)
 
 
@@ -942,6 +944,7 @@ def test_recipes_set_the_official_values_and_flags_win(tmp_path):
     (["--quick", "--data", "cifar10"], "--quick shortens the demo only"),
     (["--accum-steps", "0"], "steps must be at least 1"),
     (["--check-every", "0"], "steps must be at least 1"),
+    (["--eval-only"], "--eval-only needs weights: --pretrained PATH or --resume PATH"),
     (["--attn", "flash"], "argument --attn: invalid choice: 'flash'"),
     (["--amp", "fp8"], "argument --amp: invalid choice: 'fp8'"),
     (["--epochs", "2.5"], "argument --epochs: invalid int value: '2.5'"),
@@ -961,7 +964,7 @@ def test_quick_shortens_only_the_demo_and_flags_still_win():
 
 
 def test_workers_default_to_the_cores_there_are(monkeypatch, tmp_path):
-    for cores, local_world, workers in ((2, None, 2), (32, None, 8), (16, "4", 4), (1, "2", 1)):
+    for cores, local_world, workers in ((2, None, 2), (32, None, 16), (16, "4", 4), (1, "2", 1)):
         monkeypatch.setattr(os, "sched_getaffinity", lambda pid, n=cores: set(range(n)),
                             raising=False)
         if local_world:
@@ -1013,7 +1016,7 @@ def test_demo_data_is_normalised_synthetic_tiles():
     assert classes == [f"{i:04b}" for i in range(16)] and mix is None
     assert isinstance(train, TensorDataset) and len(train) == 64 and len(val) == 48
     for ds, (n, seed) in ((train, (64, 0)), (val, (48, 1))):  # their own seeds: no overlap
-        x, y = deit.synthetic_tiles(n, 16, 4, 1.5, seed)
+        x, y = deit.synthetic_tiles(n, 16, 4, args.demo_noise, seed)
         assert torch.equal(ds.tensors[0], (x.float() / 255 - 0.5) / 0.25)
         assert torch.equal(ds.tensors[1], y)
 
@@ -1084,7 +1087,7 @@ def test_repeated_augmentation_is_timms_copy_of_deits_sampler(tmp_path):
     assert args.repeated_aug == 3
     ds = TensorDataset(torch.arange(600))
     loaders = [deit.make_loaders(ds, ds, args, r, 4, CPU) for r in range(4)]
-    samplers = [train.sampler for train, _ in loaders]
+    samplers = [train.sampler.sampler for train, _ in loaders]  # each image seeded around it
     assert all(type(s) is RepeatAugSampler and s.num_repeats == 3 for s in samplers)
     per_rank = [list(s) for s in samplers]
     assert [len(p) for p in per_rank] == [600 // 256 * 256 // 4] * 4  # DeiT's: 128 each
@@ -1099,7 +1102,7 @@ def test_repeated_augmentation_is_timms_copy_of_deits_sampler(tmp_path):
     # the InLine recipe: no repeats, each process 1/world of the images
     inline = deit.get_args(["--data-path", str(tmp_path)])
     train, _ = deit.make_loaders(ds, ds, inline, 1, 4, CPU)
-    assert type(train.sampler) is DistributedSampler and len(train.sampler) == 150
+    assert type(train.sampler.sampler) is DistributedSampler and len(train.sampler) == 150
     assert len(set(train.sampler)) == 150
 
 
@@ -1117,6 +1120,34 @@ def write_image_folder(root, classes=("cat", "dog"), n=(4, 2), size=40, bad=None
         with open(os.path.join(root, bad), "wb") as f:
             f.write(b"\x89PNG\r\n\x1a\n this is not a png")
     return str(root)
+
+
+def test_persistent_workers_give_a_resumed_run_the_same_augmented_images(tmp_path):
+    # workers live through all epochs (their RNG with them); each image is seeded by (run seed,
+    # epoch, index), so epoch 3 is the same whether the loader ran epochs 1-2 first or not, and
+    # with any number of workers
+    data = write_image_folder(tmp_path / "data", n=(6, 1))
+    args = deit.get_args(["--data-path", data, "--batch-size", "4", "--mixup", "0", "--cutmix",
+                          "0"] + FOLDER_TINY[:-2] + ["--workers", "2"])
+    train, val, _, _ = deit.make_data(args)
+
+    def epochs(loader, first, last):  # {epoch: the images of each batch}
+        out = {}
+        for epoch in range(first, last + 1):
+            loader.sampler.set_epoch(epoch)
+            out[epoch] = torch.cat([x for x, _ in loader])
+        return out
+    loader = deit.make_loaders(train, val, args, 0, 1, CPU)[0]
+    assert loader.persistent_workers and isinstance(loader.sampler, deit.SeedEachImage)
+    straight = epochs(loader, 1, 3)
+    resumed = epochs(deit.make_loaders(train, val, args, 0, 1, CPU)[0], 3, 3)
+    args.workers = 1
+    one_worker = epochs(deit.make_loaders(train, val, args, 0, 1, CPU)[0], 3, 3)
+    assert torch.equal(straight[3], resumed[3]) and torch.equal(straight[3], one_worker[3])
+    assert not torch.equal(straight[2], straight[3])  # a new shuffle and new augmentations
+    args.seed = 1
+    assert not torch.equal(straight[3], epochs(deit.make_loaders(train, val, args, 0, 1, CPU)[0],
+                                               3, 3)[3])  # another seed, other images
 
 
 def test_image_folder_training_and_eval_only(tmp_path):
@@ -1146,7 +1177,7 @@ def test_image_folder_training_and_eval_only(tmp_path):
 
 
 def test_a_broken_held_out_image_is_named_in_one_line(tmp_path, monkeypatch):
-    monkeypatch.setattr(deit, "train_one_epoch", lambda *a, **k: 1.0)
+    monkeypatch.setattr(deit, "train_one_epoch", lambda *a, **k: (1.0, 0.0))
     data = write_image_folder(tmp_path / "data", bad="val/dog/broken.png")
     out = str(tmp_path / "out")
     line = exit_line(["--data-path", data, "--output", out, "--batch-size", "4", "--epochs", "1"]
@@ -1279,8 +1310,6 @@ def bad_inputs(tmp_path):
                       "blocks.0.attn.residual"]),
         "corrupt": (TINY + ["--resume", str(tmp_path / "corrupt.pth")],
                     ["cannot read checkpoint", "corrupt.pth"]),
-        "no-weights": (TINY + ["--eval-only"],
-                       ["--eval-only needs weights: --pretrained PATH or --resume PATH"]),
         "too-few": (TINY + ["--demo-train", "8"],
                     ["8 training images cannot fill one update of 16 x 1 processes x 1 steps"]),
         "no-gpu": (TINY + ["--device", "cuda"], ["--device cuda, but torch sees no CUDA GPU"]),
@@ -1288,7 +1317,7 @@ def bad_inputs(tmp_path):
 
 
 @pytest.mark.parametrize("case", ["missing", "layout", "classes", "img-size", "mismatch",
-                                  "corrupt", "no-weights", "too-few", "no-gpu"])
+                                  "corrupt", "too-few", "no-gpu"])
 def test_bad_input_gives_one_clear_line(tmp_path, case):
     if case == "no-gpu" and torch.cuda.is_available():
         pytest.skip("there is a GPU")
@@ -1349,7 +1378,7 @@ opt.register_step_pre_hook(lambda o, a, k: grads.update(
 scaler = torch.amp.GradScaler("cpu", enabled=False)
 loader = [(x[:2], y[:2]), (x[2:], y[2:])]  # two steps accumulated: DDP syncs on the last only
 loss = deit.train_one_epoch(train_model, loader, torch.nn.CrossEntropyLoss(), opt, scaler, None,
-                            device, loop_args(accum_steps=2), lambda u: 0.0, rank=rank)
+                            device, loop_args(accum_steps=2), lambda u: 0.0, rank=rank)[0]
 torch.save({{"loss": loss, "grads": grads, "synced": synced}},
            os.path.join({out!r}, f"grads{{rank}}.pt"))
 # then the whole script, in the same process group
@@ -1367,7 +1396,7 @@ def single_process_grads(x, y):
         {n: p.grad.clone() for n, p in model.named_parameters()}))
     loss = deit.train_one_epoch(model, [(x, y)], nn.CrossEntropyLoss(), opt,
                                 torch.amp.GradScaler("cpu", enabled=False), None, CPU,
-                                loop_args(), lambda u: 0.0)
+                                loop_args(), lambda u: 0.0)[0]
     return loss, grads
 
 

@@ -155,3 +155,48 @@ def test_ablation_trains_each_row_and_seed_once_and_resumes(tmp_path, monkeypatc
     runs.main(argv)
     assert len(trained) == 1 and trained[0][-2:] == ["--output", os.path.join(root, "softmax-s1")]
     assert "--seed" in trained[0] and trained[0][trained[0].index("--seed") + 1] == "1"
+
+
+def test_render_is_how_06_renders_the_demo():
+    clean, y = deit.synthetic_tiles(20, 32, 4, None, 3)
+    x, y0 = deit.synthetic_tiles(20, 32, 4, 0.0, 3)  # noise 0: only the rendering
+    assert torch.equal(runs.render(clean).to(torch.uint8), x) and torch.equal(y, y0)
+
+
+def test_ceiling_is_the_likeliest_texture_of_each_red_patch_read_pixel_by_pixel():
+    # the same reader written out with 06's generator: textures by its seed, red tint + 2
+    n, noise, seed = 40, 2.5, 7
+    x, y = deit.synthetic_tiles(n, 32, 4, noise, seed)
+    clean, _ = deit.synthetic_tiles(n, 32, 4, None, seed)
+    textures = 2.0 * torch.randint(2, (2, 4, 4), generator=torch.Generator().manual_seed(1)) - 1
+    normal = torch.distributions.Normal(0.0, noise)
+    right = 0
+    for i in range(n):
+        tile = int((clean[i, 0] - clean[i, 1]).view(4, 8, 4, 8).mean((1, 3)).argmax())
+        r, c = 8 * (tile // 4), 8 * (tile % 4)
+        bits = []
+        for a, b in ((0, 0), (0, 4), (4, 0), (4, 4)):                   # the tile's 4 patches
+            v = x[i, :, r + a:r + a + 4, c + b:c + b + 4].double()       # (3, 4, 4) pixel values
+            scores = []
+            for tex in textures:
+                mean = tex.double().repeat(3, 1, 1)
+                mean[0] += 2
+                lo = ((v - 0.5) / 255 - 0.5) / 0.25 - mean
+                hi = ((v + 0.5) / 255 - 0.5) / 0.25 - mean
+                p = torch.where(v == 255, 1.0, normal.cdf(hi)) - torch.where(v == 0, 0.0,
+                                                                             normal.cdf(lo))
+                scores.append(p.log().sum())
+            bits.append(int(scores[1] > scores[0]))
+        right += bits[0] * 8 + bits[1] * 4 + bits[2] * 2 + bits[3] == int(y[i])
+    assert runs.ceiling(noise, n=n, seed=seed) == pytest.approx(100 * right / n)
+    assert 40 < runs.ceiling(noise, n=n, seed=seed) < 100
+
+
+def test_ceiling_falls_with_noise_and_its_command_prints_a_table(capsys):
+    assert runs.ceiling(0.3, n=200) == 100
+    assert runs.ceiling(1.5, n=200) > runs.ceiling(2.5, n=200) > runs.ceiling(4.0, n=200) > 6.25
+    runs.main(["ceiling", "--noise", "0.3", "4"])
+    out = capsys.readouterr().out
+    assert "| 0.3 | 100.0 |" in out and "| 4 |" in out
+    with pytest.raises(SystemExit):
+        runs.main(["ceiling", "x"])

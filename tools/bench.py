@@ -10,8 +10,8 @@ float32, on random tokens x (B, N, C), B = --batch or min(8, 32768 // N); every 
 the same seed. Two passes: forward + backward (the gradients of sum(output) with respect to x and
 the parameters) and inference (forward under no_grad). Softmax is torch's fused SDPA (step 01).
 
-model: deit_tiny (step 06) with --attn and with softmax (timm's DeiT-T, 3 heads), on random images
-and labels. A training step is forward, cross entropy, backward and the AdamW step that training
+model: DeiT-T (06's VisionTransformer) with --attn and with softmax (timm's DeiT-T, 3 heads), on
+random images and labels. A training step is forward, cross entropy, backward and the AdamW step that training
 uses (06's make_optimizer), under 06's autocast; inference is the forward in eval mode under
 no_grad. img/s = batch / seconds per step. --warmup untimed steps of each model come first.
 
@@ -218,10 +218,10 @@ def bench_modules(args):
 
 
 def model_steps(name, x, y, args, device, amp):
-    """(model, train step, inference step) of deit_tiny with attention `name`."""
+    """(model, train step, inference step) of DeiT-T with attention `name`."""
     size = {k: v for k, v in (("depth", args.depth), ("embed_dim", args.embed_dim)) if v}
     torch.manual_seed(0)
-    model = deit.deit_tiny(attn=name, img_size=x.shape[-1], num_classes=1000,
+    model = deit.VisionTransformer(attn=name, img_size=x.shape[-1], num_classes=1000,
                            num_heads=args.num_heads if name == args.attn else None,
                            drop_path_rate=args.drop_path, **size).to(device)
     run = torch.compile(model) if args.compile else model

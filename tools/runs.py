@@ -4,6 +4,7 @@
     python tools/runs.py ablation --quick             # one seed of 06 --quick: a few minutes
     python tools/runs.py table runs/demo-*            # markdown: top-1 mean +- std over seeds
     python tools/runs.py plot runs/demo-* --out figures/training_curves.png
+    python tools/runs.py ceiling --noise 1.5 2 2.5    # the best top-1 possible at each noise
 
 `ablation` trains 06's CPU demo once per row of ABLATION and seed, into ROOT/LABEL-sSEED (each
 run's output in its stdout.txt), then prints `table` over them. It can be stopped at any time:
@@ -21,10 +22,12 @@ import argparse
 import contextlib
 import importlib
 import json
+import math
 import os
 import sys
 
 import numpy as np
+import torch
 from tqdm import tqdm
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -58,6 +61,44 @@ def ablation(root, seeds, quick=False, extra=()):
             raise deit.UserError(f"06 stopped in {out} (exit status {e.code}; see its "
                                  f"stdout.txt): the same command resumes") from None
     return [out for out, _ in jobs]
+
+
+def render(img):
+    """06's rendering of a float image to uint8 pixels (synthetic_tiles: x 0.25 + 0.5, clamped)."""
+    return ((img * 0.25 + 0.5).clamp(0, 1) * 255).round()
+
+
+def ceiling(noise, n=2000, img_size=32, patch=4, seed=1):
+    """Held-out top-1 (%) of an ideal reader of the demo at this noise: it knows the two textures
+    and which tile is red, and reads each patch of that tile as the texture under which the
+    patch's pixels are likelier. Each pixel is its clean value plus N(0, noise^2), rendered as
+    06 renders it, so a pixel value is the noise falling in a bin [v - 0.5, v + 0.5] / 255 (0 and
+    255: everything beyond). The bits are independent, so no model can do better on average.
+    The defaults are the demo's held-out set (06: seed 1, 2,000 images)."""
+    x, y = deit.synthetic_tiles(n, img_size, patch, noise, seed)         # uint8 (n, 3, S, S)
+    clean, y_clean = deit.synthetic_tiles(n, img_size, patch, None, seed)  # float, noise-free
+    assert torch.equal(y, y_clean)
+    t = img_size // (2 * patch)
+    def tiles(a):  # (n, C, S, S) -> (n, t * t, C, 2P, 2P)
+        return a.unflatten(2, (t, 2 * patch)).unflatten(4, (t, 2 * patch)).permute(
+            0, 2, 4, 1, 3, 5).flatten(1, 2)
+    rows = torch.arange(n)
+    red = tiles(clean[:, :1] - clean[:, 1:2]).mean((2, 3, 4)).argmax(1)  # (n,): the tinted tile
+    pixels = tiles(x.double())[rows, red]                               # (n, 3, 2P, 2P)
+    truth = tiles(clean.double())[rows, red]                            # its clean values
+    two = clean[:, 1].unflatten(1, (-1, patch)).unflatten(3, (-1, patch)).transpose(2, 3)
+    two = two.reshape(-1, patch, patch).unique(dim=0).double()          # (2, P, P): the textures
+    assert len(two) == 2
+    # each patch as the other texture: + (t0 + t1 - 2 t_a), t_a its texture (the green channel)
+    other = truth + (two.sum(0).repeat(2, 2) - 2 * truth[:, 1])[:, None]
+    normal = torch.distributions.Normal(0.0, float(noise))
+    def loglik(mean):  # (n, 2, 2): log P(pixels | clean values), summed per patch
+        lo = torch.where(pixels == 0, -math.inf, ((pixels - 0.5) / 255 - 0.5) / 0.25)
+        hi = torch.where(pixels == 255, math.inf, ((pixels + 0.5) / 255 - 0.5) / 0.25)
+        p = normal.cdf(hi - mean) - normal.cdf(lo - mean)
+        return p.clamp_min(1e-300).log().unflatten(2, (2, patch)).unflatten(4, (2, patch)).sum(
+            (1, 3, 5))
+    return 100 * (loglik(truth) > loglik(other)).all(2).all(1).double().mean().item()
 
 
 def read_run(run):
@@ -121,18 +162,27 @@ def plot_curves(runs, path):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("what", choices=["ablation", "table", "plot"])
+    p.add_argument("what", choices=["ablation", "table", "plot", "ceiling"])
     p.add_argument("runs", nargs="*", metavar="RUN", help="output directories of 06")
     p.add_argument("--out", default="training_curves.png", help="the figure of `plot`")
     p.add_argument("--root", default=os.path.join("runs", "ablation"), help="ablation's runs")
     p.add_argument("--seeds", type=int, nargs="+", help="ablation's seeds (default 0 1 2, "
                    "--quick: 0)")
     p.add_argument("--quick", action="store_true", help="ablation: 06 --quick")
+    p.add_argument("--noise", type=float, nargs="+", default=[deit.SETTINGS["demo_noise"]],
+                   help="ceiling's pixel noise levels")
     argv = sys.argv[1:] if argv is None else list(argv)
     extra = argv[argv.index("--") + 1:] if "--" in argv else []  # 06's own flags
     args = p.parse_args(argv[:len(argv) - len(extra) - bool(extra)])
-    if (args.what == "ablation") == bool(args.runs):
-        p.error("ablation takes no RUN; table and plot take one or more")
+    if (args.what in ("ablation", "ceiling")) == bool(args.runs):
+        p.error("ablation and ceiling take no RUN; table and plot take one or more")
+    if args.what == "ceiling":
+        if min(args.noise) <= 0:
+            p.error("--noise must be positive")
+        print("| pixel noise | an ideal reader's held-out top-1 (%) |\n|---|---|")
+        for noise in args.noise:
+            print(f"| {noise:g} | {ceiling(noise):.1f} |")
+        return
     try:
         if args.what in ("ablation", "table"):
             seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
