@@ -333,14 +333,17 @@ class RankAugmentedInLineAttention(locality.InLineAttention):
             out[:, :, n - local.shape[2]:].add_(local)                   # class token: none
         return out
 
-    def fast_local_residual(self, v, r):
+    def fast_local_residual(self, v, r, plain=None):
         """local_residual() from the head-split values v (B, H, N, d) and the kernels r
-        (B*C, 1, w, w): the depthwise convolution on a channels-last map -> (B, H, H*W, d)."""
+        (B*C, 1, w, w): the depthwise convolution on a channels-last map -> (B, H, H*W, d).
+        plain (default: on CUDA): the map copied to the usual (1, B*C, S, S) layout first."""
         B, H, N, d = v.shape
         side, cls = locality.grid_size(N)
         # (1, B*C, S, S) in channels_last memory = (S, S, B, H, d): one copy, then the fast kernel
         v_map = v[:, :, cls:].permute(2, 0, 1, 3).reshape(1, side, side, B * H * d)
-        out = F.conv2d(v_map.permute(0, 3, 1, 2), r, padding=self.window // 2, groups=B * H * d)
+        v_map = v_map.permute(0, 3, 1, 2)  # measured fastest on CPU; a GPU's is untimed so far
+        v_map = v_map.contiguous() if (v.is_cuda if plain is None else plain) else v_map
+        out = F.conv2d(v_map, r, padding=self.window // 2, groups=B * H * d)
         return out.permute(0, 2, 3, 1).reshape(side * side, B, H, d).permute(1, 2, 0, 3)
 
     def shifted_local_residual(self, v, r):

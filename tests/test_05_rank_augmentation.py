@@ -510,6 +510,8 @@ def test_shifted_local_residual_equals_the_convolution_in_float64(window, N):
     q, k, v = m.split_heads(x)
     r = m.residual_kernels(x.mean(dim=1))
     shifted, conv = m.shifted_local_residual(v, r), m.fast_local_residual(v, r)
+    plain = m.fast_local_residual(v, r, plain=True)  # the layout CUDA gets: the same numbers
+    assert torch.allclose(plain, conv, rtol=0, atol=1e-12)
     assert_close(shifted, conv, f"shifted products = convolution, window {window}", atol=1e-12)
     cls = N - shifted.shape[2]
     assert_close(m.merge_heads(shifted), m.local_residual(x, v)[:, cls:],
