@@ -169,10 +169,10 @@ def load_weights(model, sd, path):
 def synthetic_tiles(n, img_size=32, patch=4, noise=2.0, seed=0):
     """The demo task: n images (uint8 (n, 3, S, S)) and labels (n,). Each image is a grid of tiles
     of 2 x 2 patches, each patch one of two textures (a bit); one tile is tinted red, and the label
-    is its four bits (16 classes, chance 6.25%). The class token must single out that tile by its
-    content (injective weights) and read each patch with its tile's neighbours (local modeling),
-    among 64 patches of a bit each (rank); README's ablation shows which of these matter. Noise
-    hides some bits: at 2.0 an ideal reader gets 96% (tools/runs.py ceiling)."""
+    is its four bits (16 classes, chance 6.25%). It is built to ask for picking that tile by its
+    content (injective weights), reading each patch with its neighbours (local modeling), among 64
+    one-bit patches (rank); README's ablation shows that only the local term matters. Noise hides
+    some bits: at 2.0 an ideal reader gets 96% (tools/runs.py ceiling)."""
     g, t = torch.Generator().manual_seed(seed), img_size // (2 * patch)       # t x t tiles
     textures = torch.randint(2, (2, patch, patch), generator=torch.Generator().manual_seed(1))
     bits = torch.randint(2, (n, t, t, 2, 2), generator=g)                      # a bit a patch

@@ -63,9 +63,12 @@ def ablation(root, seeds, quick=False, extra=()):
     return [out for out, _ in jobs]
 
 
+SCALE, SHIFT = 0.25, 0.5  # 06's synthetic_tiles renders x as round(255 clamp(x SCALE + SHIFT))
+
+
 def render(img):
-    """06's rendering of a float image to uint8 pixels (synthetic_tiles: x 0.25 + 0.5, clamped)."""
-    return ((img * 0.25 + 0.5).clamp(0, 1) * 255).round()
+    """06's rendering of a float image to pixel values 0-255 (a test holds it to 06's)."""
+    return ((img * SCALE + SHIFT).clamp(0, 1) * 255).round()
 
 
 def ceiling(noise, n=2000, img_size=32, patch=4, seed=1):
@@ -93,8 +96,8 @@ def ceiling(noise, n=2000, img_size=32, patch=4, seed=1):
     other = truth + (two.sum(0).repeat(2, 2) - 2 * truth[:, 1])[:, None]
     normal = torch.distributions.Normal(0.0, float(noise))
     def loglik(mean):  # (n, 2, 2): log P(pixels | clean values), summed per patch
-        lo = torch.where(pixels == 0, -math.inf, ((pixels - 0.5) / 255 - 0.5) / 0.25)
-        hi = torch.where(pixels == 255, math.inf, ((pixels + 0.5) / 255 - 0.5) / 0.25)
+        lo = torch.where(pixels == 0, -math.inf, ((pixels - 0.5) / 255 - SHIFT) / SCALE)
+        hi = torch.where(pixels == 255, math.inf, ((pixels + 0.5) / 255 - SHIFT) / SCALE)
         p = normal.cdf(hi - mean) - normal.cdf(lo - mean)
         return p.clamp_min(1e-300).log().unflatten(2, (2, patch)).unflatten(4, (2, patch)).sum(
             (1, 3, 5))
